@@ -1,0 +1,1 @@
+"""Ray actors: vLLM rollout engines, judge workers and the group buffer."""

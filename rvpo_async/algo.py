@@ -1,0 +1,280 @@
+"""RVPO math core: per-reward group normalisation, reward aggregation and the decoupled-PPO loss.
+
+Pure torch. This module imports neither ray, vllm, deepspeed nor transformers and makes no
+torch.distributed call (tests/unit/test_algo_purity.py proves it in a fresh interpreter).
+
+How the advantage of response i in a group of G is built from its K rewards r_k(i):
+
+1. Per-reward group normalisation (GDPO): Z_k(i) = (r_k(i) - mean_G r_k) / (std_G r_k + eps).
+   std is the unbiased sample std (torch.std, as TRL's GRPO). A reward constant in a group gives 0.
+   Masked entries (a judge that timed out or failed) are left out of the group statistics and get Z = 0.
+2. Aggregation across rewards, one function per operator (AGGREGATORS):
+   - gdpo:           sum_k w_k Z_k
+   - rvpo:           -(1/k_risk) log sum_k w_k exp(-k_risk Z_k), w normalised to sum 1 (a LogSumExp
+                     soft-min; = mean_w Z - (k_risk/2) var_w Z + O(k_risk^2))
+   - rvpo_explicit:  mean_w Z - beta var_w Z
+   - min:            min_k Z_k
+   `mean` (GRPO) is not an aggregator of Z: it group-normalises the weighted sum of raw rewards.
+3. Optional batch normalisation: A <- (A - mean_batch A) / (std_batch A + eps).
+
+The policy loss is AReaL's decoupled PPO objective with a behaviour importance weight
+w_t = pi_prox / mu, controlled by truncation (TIS), masking (IcePop/MIS) or nothing, and an optional
+per-sample staleness decay lambda^s (this project's own option; off by default).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+
+Aggregator = Literal["mean", "gdpo", "rvpo", "rvpo_explicit", "min"]
+ISMode = Literal["truncate", "mask", "none"]
+AGGREGATOR_NAMES: tuple[str, ...] = ("mean", "gdpo", "rvpo", "rvpo_explicit", "min")
+
+DEFAULT_EPS = 1e-4
+
+
+class RewardError(ValueError):
+    """A reward tensor holds values that cannot be trained on (NaN, inf, wrong shape)."""
+
+
+def check_rewards(rewards: torch.Tensor, names: Sequence[str] | None = None,
+                  mask: torch.Tensor | None = None) -> None:
+    """Raise RewardError naming every reward column that holds NaN or infinite values (unmasked)."""
+    if rewards.dim() != 3:
+        raise RewardError(f"rewards must have shape [B, G, K], got {tuple(rewards.shape)}")
+    bad = ~torch.isfinite(rewards)
+    if mask is not None:
+        bad = bad & mask
+    if not bool(bad.any()):
+        return
+    per_col = bad.reshape(-1, rewards.shape[-1]).sum(0)  # [K]
+    parts = []
+    for k, n in enumerate(per_col.tolist()):
+        if n:
+            name = names[k] if names is not None else f"column {k}"
+            parts.append(f"reward '{name}' (column {k}): {n} non-finite value(s)")
+    raise RewardError("non-finite rewards: " + "; ".join(parts))
+
+
+def _valid(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+
+
+def group_normalize(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, G, K] rewards -> [B, G, K] per-reward group z-scores; masked entries give 0."""
+    check_rewards(rewards, mask=mask)
+    valid = _valid(rewards, mask)
+    vf = valid.to(rewards.dtype)
+    r = torch.where(valid, rewards, torch.zeros_like(rewards))
+    n = vf.sum(dim=1, keepdim=True)  # [B, 1, K]
+    mean = r.sum(dim=1, keepdim=True) / n.clamp_min(1)
+    sq = ((r - mean) ** 2) * vf
+    var = sq.sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)  # unbiased, as torch.std
+    z = (r - mean) / (var.sqrt() + eps)
+    # fewer than two valid members: no signal for this reward in this group
+    z = torch.where((n >= 2) & valid, z, torch.zeros_like(z))
+    return z
+
+
+def _weights(k: int, weights: Sequence[float] | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(k, dtype=like.dtype, device=like.device)
+    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have one entry per reward ({k}), got shape {tuple(w.shape)}")
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
+    return w
+
+
+def _masked_normalised_weights(w: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-response weights over valid rewards, summing to 1 ([..., K]); all-masked rows give zeros."""
+    wm = w * valid.to(w.dtype)
+    s = wm.sum(-1, keepdim=True)
+    return torch.where(s > 0, wm / s.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(wm))
+
+
+def agg_gdpo(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, **_: float) -> torch.Tensor:
+    return (z * w * valid.to(z.dtype)).sum(-1)
+
+
+def agg_rvpo(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, *, k_risk: float, **_: float) -> torch.Tensor:
+    if not k_risk > 0:
+        raise ValueError(f"k_risk must be > 0 for rvpo, got {k_risk}")
+    wn = _masked_normalised_weights(w, valid)
+    # log w = -inf for masked / zero-weight rewards: they drop out of the log-sum-exp
+    logw = torch.where(wn > 0, wn.clamp_min(torch.finfo(z.dtype).tiny).log(), torch.full_like(wn, -math.inf))
+    lse = torch.logsumexp(-k_risk * z + logw, dim=-1)
+    out = -lse / k_risk
+    return torch.where(valid.any(-1), out, torch.zeros_like(out))
+
+
+def agg_rvpo_explicit(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, *, beta: float, **_: float) -> torch.Tensor:
+    wn = _masked_normalised_weights(w, valid)
+    mean = (wn * z).sum(-1)
+    var = (wn * (z - mean.unsqueeze(-1)) ** 2).sum(-1)
+    return mean - beta * var
+
+
+def agg_min(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, **_: float) -> torch.Tensor:
+    big = torch.finfo(z.dtype).max
+    keep = valid & (w > 0)
+    out = torch.where(keep, z, torch.full_like(z, big)).min(-1).values
+    return torch.where(keep.any(-1), out, torch.zeros_like(out))
+
+
+AGGREGATORS = {
+    "gdpo": agg_gdpo,
+    "rvpo": agg_rvpo,
+    "rvpo_explicit": agg_rvpo_explicit,
+    "min": agg_min,
+}
+
+
+def aggregate(z: torch.Tensor, method: str, *, k_risk: float = 1.0,
+              weights: Sequence[float] | torch.Tensor | None = None, beta: float = 0.5,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., K] normalised rewards -> [...] per-response score with the named operator."""
+    if method not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {method!r}; valid: {sorted(AGGREGATORS)}")
+    w = _weights(z.shape[-1], weights, z)
+    valid = _valid(z, mask)
+    return AGGREGATORS[method](z, w, valid, k_risk=k_risk, beta=beta)
+
+
+def batch_normalize(a: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    flat = a.reshape(-1)
+    if flat.numel() < 2:
+        return a - flat.mean()
+    return (a - flat.mean()) / (flat.std() + eps)
+
+
+def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0,
+               weights: Sequence[float] | torch.Tensor | None = None, beta: float = 0.5,
+               batch_norm: bool = True, eps: float = DEFAULT_EPS,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, G, K] rewards -> [B, G] sequence-level advantages.
+
+    `mean` is GRPO (group-normalised weighted sum, never batch-normalised); the other methods
+    group-normalise each reward, aggregate, then batch-normalise when `batch_norm`.
+    """
+    check_rewards(rewards, mask=mask)
+    if method == "mean":
+        w = _weights(rewards.shape[-1], weights, rewards)
+        valid = _valid(rewards, mask)
+        # a masked entry takes its reward's valid group mean, so it neither helps nor hurts
+        vf = valid.to(rewards.dtype)
+        r0 = torch.where(valid, rewards, torch.zeros_like(rewards))
+        gmean = r0.sum(1, keepdim=True) / vf.sum(1, keepdim=True).clamp_min(1)
+        filled = torch.where(valid, rewards, gmean.expand_as(rewards))
+        s = (filled * w).sum(-1, keepdim=True)  # [B, G, 1]
+        return group_normalize(s, eps=eps).squeeze(-1)  # GRPO: no batch normalisation
+    z = group_normalize(rewards, eps=eps, mask=mask)
+    a = aggregate(z, method, k_risk=k_risk, weights=weights, beta=beta, mask=mask)
+    return batch_normalize(a, eps) if batch_norm else a
+
+
+def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
+                       mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-step statistics of ALGORITHM.md section 4 ([B, G, K] in).
+
+    mean/std per reward (over valid entries), inter-reward variance var_k(Z) averaged over responses,
+    and the bottleneck share: fraction of responses whose lowest Z is reward k.
+    """
+    valid = _valid(rewards, mask)
+    vf = valid.to(rewards.dtype)
+    r0 = torch.where(valid, rewards, torch.zeros_like(rewards))
+    n = vf.sum((0, 1)).clamp_min(1)
+    mean = r0.sum((0, 1)) / n
+    std = (((r0 - mean) ** 2 * vf).sum((0, 1)) / n).sqrt()
+    z = group_normalize(rewards, eps=eps, mask=mask)
+    k = rewards.shape[-1]
+    inter = z.var(dim=-1, unbiased=False).mean() if k > 1 else torch.zeros((), dtype=rewards.dtype)
+    lowest = torch.where(valid, z, torch.full_like(z, math.inf)).argmin(-1).reshape(-1)
+    share = torch.bincount(lowest, minlength=k).to(rewards.dtype) / max(lowest.numel(), 1)
+    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share}
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    proximal_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    is_mode: str = "truncate",
+    is_cap: float = 2.0,
+    is_low: float = 0.5,
+    is_high: float = 5.0,
+    is_level: Literal["token", "sequence"] = "token",
+    staleness: torch.Tensor | None = None,
+    staleness_decay: float = 1.0,
+    clip: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean decoupled-PPO loss.
+
+    Shapes: logprobs, proximal_logprobs, behaviour_logprobs, loss_mask: [N, L]; advantages: [N];
+    staleness: [N] (policy versions behind the learner), optional.
+
+    loss_t = -w_t * min(u_t A, clip(u_t, 1 - eps_low, 1 + eps_high) A), u_t = pi_theta / pi_prox,
+    w_t = pi_prox / mu (detached), controlled by `is_mode`, times staleness_decay ** s.
+    """
+    if is_mode not in ("truncate", "mask", "none"):
+        raise ValueError(f"is_mode must be one of truncate, mask, none; got {is_mode!r}")
+    if not 0 < staleness_decay <= 1:
+        raise ValueError(f"staleness_decay must be in (0, 1], got {staleness_decay}")
+    m = loss_mask.to(logprobs.dtype)
+    n_tok = m.sum().clamp_min(1)
+    adv = advantages.detach().to(logprobs.dtype).unsqueeze(-1)  # [N, 1]
+    prox = proximal_logprobs.detach()
+    log_w = (prox - behaviour_logprobs.detach()).clamp(max=50.0)
+    w_raw = log_w.exp()  # [N, L]
+    keep = torch.ones_like(m, dtype=torch.bool)
+    if is_mode == "truncate":
+        w = w_raw.clamp(max=is_cap)
+        changed = (w_raw > is_cap) & (m > 0)
+    elif is_mode == "mask":
+        out = (w_raw < is_low) | (w_raw > is_high)
+        if is_level == "sequence":
+            out = ((out & (m > 0)).any(-1, keepdim=True)).expand_as(out)
+        keep = ~out
+        w = torch.where(keep, w_raw, torch.zeros_like(w_raw))
+        changed = out & (m > 0)
+    else:
+        w = w_raw
+        changed = torch.zeros_like(keep)
+    if staleness is not None and staleness_decay < 1:
+        w = w * (staleness_decay ** staleness.to(logprobs.dtype)).unsqueeze(-1)
+
+    ratio = (logprobs - prox).exp()
+    surr1 = ratio * adv
+    if clip:
+        surr2 = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv
+        surr = torch.minimum(surr1, surr2)
+    else:
+        surr = surr1
+    loss = -(w * surr * m).sum() / n_tok
+
+    with torch.no_grad():
+        clipped = (surr2 < surr1) if clip else torch.zeros_like(keep)
+        neg_log = behaviour_logprobs.detach() - logprobs.detach()
+        kl_k3 = neg_log.exp() - neg_log - 1  # k3 estimate of KL(pi_theta || mu)
+        mb = m > 0
+        wr = w_raw[mb]
+        stats = {
+            "loss": float(loss.detach()),
+            "is_weight_mean": float(wr.mean()) if wr.numel() else 1.0,
+            "is_weight_max": float(wr.max()) if wr.numel() else 1.0,
+            "is_truncated_frac": float(changed[mb].float().mean()) if is_mode == "truncate" and wr.numel() else 0.0,
+            "is_masked_frac": float(changed[mb].float().mean()) if is_mode == "mask" and wr.numel() else 0.0,
+            "clip_frac": float(clipped[mb].float().mean()) if wr.numel() else 0.0,
+            "kl_behaviour": float((kl_k3 * m).sum() / n_tok),
+            "tokens": float(m.sum()),
+        }
+    return loss, stats

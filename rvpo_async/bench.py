@@ -1,0 +1,100 @@
+"""Micro-benchmarks. Each prints its figures and a ratio against a baseline run in the same process."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def _best_of(fn: Callable[[], object], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def numpy_loop_advantages(r: np.ndarray, k_risk: float, w: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """The obvious per-group, per-response loop (float64): the baseline and the reference."""
+    from scipy.special import logsumexp
+
+    b, g, k = r.shape
+    wn = w / w.sum()
+    out = np.empty((b, g))
+    for i in range(b):
+        z = np.empty((g, k))
+        for j in range(k):
+            col = r[i, :, j]
+            z[:, j] = (col - col.mean()) / (col.std(ddof=1) + eps)
+        for n in range(g):
+            out[i, n] = -logsumexp(-k_risk * z[n], b=wn) / k_risk
+    flat = out.reshape(-1)
+    return (out - flat.mean()) / (flat.std(ddof=1) + eps)
+
+
+def bench_algo(argv: Sequence[str]) -> int:
+    import torch
+
+    from rvpo_async.algo import advantages
+
+    p = argparse.ArgumentParser(prog="rvpo-async bench algo")
+    p.add_argument("--groups", type=int, default=1024)
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--rewards", type=int, default=17)
+    p.add_argument("--k-risk", type=float, default=1.0)
+    p.add_argument("--repeat", type=int, default=5)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    r64 = rng.normal(size=(a.groups, a.group_size, a.rewards))
+    w = np.ones(a.rewards)
+    rt = torch.from_numpy(r64.astype(np.float32))
+
+    def torch_fn() -> torch.Tensor:
+        return advantages(rt, "rvpo", k_risk=a.k_risk)
+
+    ref = numpy_loop_advantages(r64, a.k_risk, w)
+    got = torch_fn().double().numpy()
+    err = float(np.abs(ref - got).max())
+    torch_fn()  # warm-up
+    t_torch = _best_of(torch_fn, a.repeat)
+    t_loop = _best_of(lambda: numpy_loop_advantages(r64, a.k_risk, w), max(1, a.repeat // 2))
+    print(f"RVPO advantages, B={a.groups} groups x G={a.group_size} x K={a.rewards} rewards, CPU, 1 thread")
+    print(f"  torch (rvpo_async.algo.advantages): {t_torch * 1e3:9.2f} ms")
+    print(f"  per-group Python/NumPy loop:        {t_loop * 1e3:9.2f} ms")
+    print(f"  speed-up: {t_loop / t_torch:.1f}x   max |difference| vs float64 loop: {err:.2e}")
+    return 0
+
+
+def _bench_buffer(argv: Sequence[str]) -> int:
+    from rvpo_async.buffer_bench import bench_buffer
+
+    return bench_buffer(argv)
+
+
+def _bench_rollout(argv: Sequence[str]) -> int:
+    from actors.rollout_bench import bench_rollout
+
+    return bench_rollout(argv)
+
+
+def _bench_sync(argv: Sequence[str]) -> int:
+    from learner.sync_bench import bench_sync
+
+    return bench_sync(argv)
+
+
+BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
+    "algo": bench_algo,
+    "buffer": _bench_buffer,
+    "rollout": _bench_rollout,
+    "sync": _bench_sync,
+}
+
+
+def run(what: str, argv: Sequence[str]) -> int:
+    return BENCHES[what](list(argv))

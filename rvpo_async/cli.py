@@ -1,0 +1,103 @@
+"""The `rvpo-async` command line. Heavy modules are imported only by the subcommand that needs them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from rvpo_async.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.dir, seed=args.seed)
+    print(f"tiny Qwen2 model written to {out}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from rvpo_async.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rvpo_async.config import load_config
+    from rvpo_async.driver import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("run.resume=true")
+    cfg = load_config(args.config, overrides)
+    report = train(cfg)
+    print(f"run finished: {report['steps']} steps, report in {cfg.run.output_dir}/report.md")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rvpo_async.compare import compare
+
+    compare(args.config, args.overrides, aggregators=args.aggregators.split(","), out_dir=args.out)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rvpo_async import bench
+
+    return bench.run(args.what, args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rvpo-async", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-tiny-model", help="build the tiny local Qwen2 model and tokenizer")
+    s.add_argument("dir")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_make_tiny_model)
+
+    s = sub.add_parser("config", help="print the resolved config (file + overrides)")
+    s.add_argument("--config", default=None)
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_config)
+
+    s = sub.add_parser("train", help="run RVPO training")
+    s.add_argument("--config", required=True)
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.output_dir")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("compare", help="constraint-neglect study: the same run under several aggregators")
+    s.add_argument("--config", required=True)
+    s.add_argument("--aggregators", default="mean,gdpo,rvpo")
+    s.add_argument("--out", default="runs/compare")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_compare)
+
+    s = sub.add_parser("bench", help="micro-benchmarks: algo, buffer, rollout, sync")
+    s.add_argument("what", choices=["algo", "buffer", "rollout", "sync"])
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from rvpo_async.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"rvpo-async: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rvpo-async: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
