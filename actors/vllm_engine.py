@@ -1,0 +1,47 @@
+"""One place that builds a vLLM engine, with the settings the CPU build needs (see README, Limits).
+
+Used by the rollout actors and by the vLLM-served LLM judge. The same code path runs the CUDA build on
+GPUs: only the platform-specific defaults differ.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Process-level vLLM settings, applied before vllm is imported in an actor process.
+VLLM_ENV: dict[str, str] = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine: starts in seconds on CPU
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # the default pins every engine to core 0
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_vllm_env() -> None:
+    for k, v in VLLM_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
+             kv_cache_memory_bytes: int = 64 * 1024 * 1024, dtype: str = "float32",
+             worker_extension_cls: str | None = None, **extra: Any):
+    """Build a vllm.LLM for `model_path`. On CPU: eager mode, one in-process worker, a fixed KV cache
+    (left unset, each engine would claim ~11 GiB)."""
+    apply_vllm_env()
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(model=model_path, seed=seed, max_model_len=max_model_len, dtype=dtype,
+                                  enforce_eager=True, trust_remote_code=False)
+    if on_cpu():
+        kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=kv_cache_memory_bytes)
+    if worker_extension_cls:
+        kwargs["worker_extension_cls"] = worker_extension_cls
+    kwargs.update(extra)
+    return LLM(**kwargs)
