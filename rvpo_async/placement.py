@@ -1,0 +1,43 @@
+"""Ray remote options for every actor kind, applied in one place.
+
+Each kind's CPUs, GPUs and custom resources come from its config section. The custom resources are the
+ones the KubeRay worker groups declare in `rayStartParams` (deploy/kuberay), so an actor lands only on
+its own group; tests/deploy checks that both sides name the same resources.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from rvpo_async.config import Config
+
+ActorKind = Literal["rollout", "judge", "judge_engine", "learner", "buffer"]
+
+
+def actor_options(kind: ActorKind, cfg: Config, **extra: Any) -> dict[str, Any]:
+    """Options for `ActorClass.options(**actor_options(kind, cfg))`."""
+    if kind == "rollout":
+        opts: dict[str, Any] = dict(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                                    resources=dict(cfg.rollout.resources), max_restarts=cfg.rollout.max_restarts)
+    elif kind in ("judge", "judge_engine"):
+        opts = dict(num_cpus=cfg.judges.num_cpus, resources=dict(cfg.judges.resources), max_restarts=0)
+    elif kind == "learner":
+        opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
+                    resources=dict(cfg.learner.resources), max_restarts=0)
+    elif kind == "buffer":
+        opts = dict(num_cpus=0, max_restarts=0)
+    else:
+        raise ValueError(f"unknown actor kind {kind!r}")
+    if not opts.get("resources"):
+        opts.pop("resources", None)
+    opts.update(extra)
+    return opts
+
+
+def requested_resources(cfg: Config) -> dict[str, dict[str, float]]:
+    """The custom resources each actor kind requests: what a cluster's node groups must provide."""
+    return {
+        "rollout": dict(cfg.rollout.resources),
+        "judge": dict(cfg.judges.resources),
+        "learner": dict(cfg.learner.resources),
+    }
