@@ -1,0 +1,213 @@
+"""The driver: two loops over the actors of rvpo_async.pipeline.
+
+async mode: one event loop on the driver keeps every rollout engine busy (admission-controlled:
+  rvpo_async.staleness.admission_capacity), forwards generated groups to the buffer and the judge pool,
+  forwards judge results to the buffer, and, in a background thread, pulls ready groups, computes RVPO
+  advantages, trains one step and broadcasts the new weights. Generation overlaps training.
+sync mode: generate -> judge -> train -> broadcast, one step at a time, no overlap (the baseline).
+
+With staleness.max_staleness = 0 the async loop admits exactly one step of groups per policy version,
+so it trains on the same data as sync mode (tests/e2e/test_train.py checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rvpo_async.config import Config, dump_config
+from rvpo_async.pipeline import Pipeline, build_pipeline, init_ray
+from rvpo_async.report import StepLog, summarise, write_reports
+from rvpo_async.staleness import admission_capacity
+from rvpo_async.steps import RunState, Stepper, describe_actor_error
+
+log = logging.getLogger("rvpo_async")
+
+
+class Interrupted(RuntimeError):
+    """The run was stopped by SIGINT/SIGTERM after writing a final checkpoint."""
+
+
+def _progress(cfg: Config):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.run.steps, desc=f"rvpo {cfg.run.mode}", unit="step", disable=not cfg.run.progress,
+                dynamic_ncols=True)
+
+
+class AsyncLoop:
+    """Admission-controlled rollout overlapping training (see module docstring)."""
+
+    def __init__(self, p: Pipeline, stepper: Stepper, state: RunState) -> None:
+        self.p, self.stepper, self.state = p, stepper, state
+        self.gen_inflight: dict[Any, tuple[int, list]] = {}  # ref -> (engine index, prompts)
+        self.put_inflight: dict[Any, Any] = {}  # ref -> group
+        self.busy: set[int] = set()
+        self.train_future: Future | None = None
+
+    def _launch_generation(self) -> None:
+        cfg = self.p.cfg
+        gps = cfg.rollout.groups_per_step
+        per_call = -(-gps // len(self.p.engines))
+        for i, eng in enumerate(self.p.engines):
+            if i in self.busy:
+                continue
+            cap = admission_capacity(self.state.synced_version, self.state.submitted_groups, gps,
+                                     cfg.staleness.max_staleness)
+            n = min(cap, per_call)
+            if n <= 0:
+                return
+            prompts, gids, seeds = self.state.take_prompts(n)
+            ref = eng.generate.remote(prompts, gids, seeds)
+            self.gen_inflight[ref] = (i, list(zip(prompts, gids, seeds)))
+            self.busy.add(i)
+            self.state.submitted_groups += n
+
+    def _collect_generation(self) -> None:
+        if not self.gen_inflight:
+            return
+        done, _ = ray.wait(list(self.gen_inflight), num_returns=len(self.gen_inflight), timeout=0)
+        for ref in done:
+            i, items = self.gen_inflight.pop(ref)
+            self.busy.discard(i)
+            try:
+                groups = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                # a restarted engine catches up to the latest weights, then its prompts are retried
+                self.stepper.recover_engine(i, e)
+                self.state.requeue(items)
+                self.state.submitted_groups -= len(items)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                raise RuntimeError(describe_actor_error(self.p.engine_names[i], e)) from None
+            self.stepper.on_generated(groups)
+            for g in groups:
+                self.put_inflight[self.p.buffer.put_group.remote(g)] = g
+
+    def _collect_puts(self) -> None:
+        if not self.put_inflight:
+            return
+        done, _ = ray.wait(list(self.put_inflight), num_returns=len(self.put_inflight), timeout=0)
+        for ref in done:
+            g = self.put_inflight.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise RuntimeError(describe_actor_error("buffer", e)) from None
+            self.p.judges.submit(g)
+
+    def run(self, stop: threading.Event, bar: Any) -> None:
+        cfg = self.p.cfg
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rvpo-train")
+        try:
+            while self.state.step < cfg.run.steps and not stop.is_set():
+                self._launch_generation()
+                self._collect_generation()
+                self._collect_puts()
+                self.stepper.forward_judge_results(timeout_s=0.01)
+                if self.train_future is not None and self.train_future.done():
+                    self.stepper.finish_step(self.train_future.result(), bar)
+                    self.train_future = None
+                if self.train_future is None and self.state.step < cfg.run.steps:
+                    table = self.stepper.try_pull()
+                    if table is not None:
+                        self.train_future = pool.submit(self.stepper.train_on, table)
+                if self.train_future is None:
+                    time.sleep(0.005)
+            if self.train_future is not None:
+                self.stepper.finish_step(self.train_future.result(), bar)
+        finally:
+            pool.shutdown(wait=True)
+
+
+def run_sync(p: Pipeline, stepper: Stepper, state: RunState, stop: threading.Event, bar: Any) -> None:
+    """generate -> judge -> train -> broadcast, one step at a time."""
+    cfg = p.cfg
+    gps = cfg.rollout.groups_per_step
+    while state.step < cfg.run.steps and not stop.is_set():
+        t0 = time.perf_counter()
+        prompts, gids, seeds = state.take_prompts(gps)
+        state.submitted_groups += gps
+        per = -(-gps // len(p.engines))
+        refs = [(i, eng.generate.remote(prompts[i * per:(i + 1) * per], gids[i * per:(i + 1) * per],
+                                        seeds[i * per:(i + 1) * per]))
+                for i, eng in enumerate(p.engines) if prompts[i * per:(i + 1) * per]]
+        groups = []
+        for i, ref in refs:
+            try:
+                groups += ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise RuntimeError(describe_actor_error(p.engine_names[i], e)) from None
+        stepper.on_generated(groups)
+        t1 = time.perf_counter()
+        ray.get([p.buffer.put_group.remote(g) for g in groups])
+        for g in groups:
+            p.judges.submit(g)
+        table = None
+        while table is None:
+            stepper.forward_judge_results(timeout_s=0.05)
+            table = stepper.try_pull(min_groups=gps)
+            if stop.is_set():
+                return
+        t2 = time.perf_counter()
+        result = stepper.train_on(table)
+        result["timing"] = {"generate_s": t1 - t0, "judge_s": t2 - t1, "train_and_sync_s": time.perf_counter() - t2}
+        stepper.finish_step(result, bar)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run the configured training end to end; returns report.json's content."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    started_ray = init_ray(cfg)
+    stop = threading.Event()
+    interrupted: list[str] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        interrupted.append(signal.Signals(signum).name)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    p = None
+    try:
+        p = build_pipeline(cfg, run_dir)
+        state = RunState.start(cfg, p.prompts)
+        stepper = Stepper(p, state, run_dir)
+        if cfg.run.resume:
+            stepper.resume()
+        steplog = StepLog(run_dir, append=cfg.run.resume)
+        stepper.steplog = steplog
+        t_start = time.perf_counter()
+        with _progress(cfg) as bar:
+            bar.update(state.step)
+            if cfg.run.mode == "sync":
+                run_sync(p, stepper, state, stop, bar)
+            else:
+                AsyncLoop(p, stepper, state).run(stop, bar)
+        wall = time.perf_counter() - t_start
+        stepper.checkpoint(final=True)
+        stepper.export_final_model()
+        steplog.close()
+        report = summarise(steplog.rows, cfg.reward_names, mode=cfg.run.mode, aggregator=cfg.algo.aggregator,
+                           wall_seconds=wall, samples=state.trained_samples_this_run,
+                           generated_tokens=state.generated_tokens_this_run, extra=stepper.report_extra())
+        write_reports(run_dir, report, steplog.rows, cfg.reward_names)
+        if interrupted:
+            raise Interrupted(f"stopped by {interrupted[0]} at step {state.step}; checkpoint written to {run_dir}")
+        return report
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if p is not None:
+            p.shutdown()
+        if started_ray:
+            ray.shutdown()

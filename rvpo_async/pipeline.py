@@ -1,0 +1,127 @@
+"""The composition root: builds every actor of a run from the config, and tears them down.
+
+Nothing here decides what happens when; the driver's loops (rvpo_async.driver) do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rvpo_async.config import Config
+from rvpo_async.placement import actor_options
+from rvpo_async.types import Prompt
+
+log = logging.getLogger("rvpo_async")
+
+RAY_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(cfg: Config) -> bool:
+    """Connect to cfg.ray.address, or start a local instance. Returns True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": dict(RAY_ENV)}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(8, os.cpu_count() or 2), include_dashboard=False,
+                 runtime_env=env, log_to_driver=True)
+    return True
+
+
+def resolve_model(cfg: Config) -> str:
+    path = Path(cfg.model.path)
+    if cfg.model.build_if_missing:
+        from rvpo_async.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(path, seed=cfg.model.tiny_seed).resolve())
+    return str(path.resolve()) if path.exists() else cfg.model.path
+
+
+@dataclass
+class Pipeline:
+    cfg: Config
+    model_path: str
+    prompts: list[Prompt]
+    pad_id: int
+    engines: list[Any]
+    engine_names: list[str]
+    buffer: Any
+    judges: Any
+    judge_engines: dict[str, Any]
+    learner: Any
+    sync: Any
+    loss_fn: Any
+    metrics: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        for fn in (lambda: self.judges.shutdown(), lambda: self.learner.shutdown()):
+            try:
+                fn()
+            except Exception as e:  # shutting down: report, keep going
+                log.warning("shutdown: %s", e)
+        for h in list(self.engines) + list(self.judge_engines.values()) + [self.buffer]:
+            try:
+                ray.kill(h)
+            except Exception:
+                pass
+        if self.metrics is not None:
+            self.metrics.stop_http_server()
+
+
+def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
+    from transformers import AutoTokenizer
+
+    from actors.buffer import create_buffer_actor
+    from actors.judge_pool import JudgePool
+    from actors.llm_judge import create_judge_engines
+    from actors.rollout import RolloutActor
+    from learner.actor import LearnerGroup
+    from learner.loss import make_loss_fn
+    from learner.weight_sync import make_weight_sync
+    from rvpo_async.metrics import Metrics
+    from rvpo_async.task import load_prompts
+
+    model_path = resolve_model(cfg)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = load_prompts(cfg, tok)
+    too_long = [p.prompt_id for p in prompts if len(p.token_ids) + cfg.rollout.max_new_tokens > cfg.model.max_model_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} prompt(s) (first: {too_long[0]}) plus rollout.max_new_tokens exceed "
+                         f"model.max_model_len={cfg.model.max_model_len}")
+    names = cfg.reward_names
+    if not names:
+        raise ValueError("config key 'judges.specs': at least one judge is needed")
+
+    metrics = None
+    if cfg.metrics.enabled:
+        metrics = Metrics(names, names)
+        metrics.start_http_server(cfg.metrics.host, cfg.metrics.port)
+
+    persist = cfg.buffer.persist_dir or str(run_dir / "buffer")
+    buffer = create_buffer_actor(cfg, names, persist)
+    engines, engine_names = [], []
+    for i in range(cfg.rollout.num_engines):
+        name = f"rollout-{i}"
+        h = RolloutActor.options(name=None, **actor_options("rollout", cfg)).remote(
+            name, model_path, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.run.seed + i,
+            max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
+        engines.append(h)
+        engine_names.append(name)
+    judge_engines = create_judge_engines(cfg, model_path)
+    judges = JudgePool(cfg, judge_engines)
+    learner = LearnerGroup(cfg, model_path)
+    ray.get([h.ready.remote() for h in engines])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Pipeline(cfg=cfg, model_path=model_path, prompts=prompts, pad_id=int(pad_id), engines=engines,
+                    engine_names=engine_names, buffer=buffer, judges=judges, judge_engines=judge_engines,
+                    learner=learner, sync=make_weight_sync(cfg), loss_fn=make_loss_fn(cfg.algo, cfg.rollout.temperature),
+                    metrics=metrics)

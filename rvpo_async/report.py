@@ -1,0 +1,113 @@
+"""The run directory: per-step metrics (jsonl), report.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class StepLog:
+    """Appends one JSON object per training step to <run>/metrics.jsonl (flushed each step)."""
+
+    def __init__(self, run_dir: Path, append: bool = False) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        if append and self.path.is_file():
+            self.rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        self._fh = open(self.path, "a" if append else "w")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summarise(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], *, mode: str, aggregator: str,
+              wall_seconds: float, samples: int, generated_tokens: int, extra: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+    last = rows[-1] if rows else {}
+    tail = rows[-max(1, len(rows) // 5):] if rows else []  # final mean: the last fifth of the run
+    rewards = {n: (sum(r["reward_mean"][n] for r in tail) / len(tail)) if tail else None for n in reward_names}
+    stal = [s for r in rows for s in r.get("staleness_values", [])]
+    report = {
+        "mode": mode,
+        "aggregator": aggregator,
+        "steps": int(last.get("step", 0)),
+        "policy_version": int(last.get("policy_version", 0)),
+        "wall_seconds": wall_seconds,
+        "samples_trained": samples,
+        "samples_per_second": samples / wall_seconds if wall_seconds > 0 else 0.0,
+        "generated_tokens": generated_tokens,
+        "generated_tokens_per_second": generated_tokens / wall_seconds if wall_seconds > 0 else 0.0,
+        "rewards": rewards,
+        "rewards_first_step": dict(rows[0]["reward_mean"]) if rows else {},
+        "staleness": {"mean": sum(stal) / len(stal) if stal else 0.0, "max": max(stal) if stal else 0},
+        "inter_reward_variance_final": last.get("inter_variance"),
+    }
+    if extra:
+        report.update(extra)
+    return report
+
+
+def write_reports(run_dir: Path, report: dict[str, Any], rows: Sequence[dict[str, Any]],
+                  reward_names: Sequence[str]) -> None:
+    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# rvpo-async run: {report['mode']} / {report['aggregator']}",
+        "",
+        f"- steps: {report['steps']} (policy version {report['policy_version']})",
+        f"- wall time: {report['wall_seconds']:.1f} s",
+        f"- samples trained: {report['samples_trained']} ({report['samples_per_second']:.2f} samples/s)",
+        f"- generated tokens: {report['generated_tokens']} ({report['generated_tokens_per_second']:.0f} tokens/s)",
+        f"- staleness: mean {report['staleness']['mean']:.2f}, max {report['staleness']['max']}",
+        "",
+        "| reward | first step | final (mean of last fifth of steps) |",
+        "|---|---|---|",
+    ]
+    for n in reward_names:
+        first = report["rewards_first_step"].get(n)
+        final = report["rewards"].get(n)
+        lines.append(f"| {n} | {first:.3f} | {final:.3f} |" if first is not None and final is not None
+                     else f"| {n} | - | - |")
+    lines += ["", "Plots: `rewards.png` (each reward over steps), `inter_variance.png` (inter-reward variance).", ""]
+    _atomic_write(run_dir / "report.md", "\n".join(lines))
+    plot_run(run_dir, rows, reward_names)
+
+
+def plot_run(run_dir: Path, rows: Sequence[dict[str, Any]], reward_names: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in reward_names:
+        ax.plot(steps, [r["reward_mean"][n] for r in rows], label=n)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("rewards per step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "rewards.png", dpi=80)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [r["inter_variance"] for r in rows], color="tab:red")
+    ax.set_xlabel("step")
+    ax.set_ylabel("var_k(Z), mean over responses")
+    ax.set_title("inter-reward variance")
+    fig.tight_layout()
+    fig.savefig(run_dir / "inter_variance.png", dpi=80)
+    plt.close(fig)

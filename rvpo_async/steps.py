@@ -1,0 +1,256 @@
+"""What one training step does, shared by the async and sync loops, and the run's counters."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+import torch
+
+from rvpo_async.algo import advantages, reward_diagnostics
+from rvpo_async.config import Config
+from rvpo_async.task import prompt_stream
+from rvpo_async.types import STATUS_CODES, Prompt
+
+log = logging.getLogger("rvpo_async")
+
+
+def describe_actor_error(name: str, err: BaseException) -> str:
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"actor '{name}' failed: {type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def group_seed(run_seed: int, group_id: int) -> int:
+    return (run_seed * 1_000_003 + group_id * 7919) % (2**31 - 1)
+
+
+@dataclass
+class RunState:
+    """Counters of a run. Only the driver's main thread changes them."""
+
+    cfg: Config
+    prompts: list[Prompt]
+    step: int = 0
+    version: int = 0  # learner policy version
+    synced_version: int = 0  # version every rollout engine serves
+    submitted_groups: int = 0  # admitted to generation (in flight, in the buffer, trained or dropped)
+    prompts_taken: int = 0
+    next_group_id: int = 0
+    trained_samples_this_run: int = 0
+    generated_tokens_this_run: int = 0
+    requeued: list[tuple[Prompt, int, int]] = field(default_factory=list)
+    _stream: Iterator[Prompt] | None = None
+
+    @classmethod
+    def start(cls, cfg: Config, prompts: list[Prompt]) -> "RunState":
+        s = cls(cfg=cfg, prompts=prompts)
+        s._stream = prompt_stream(prompts, cfg.run.seed)
+        return s
+
+    def skip_prompts(self, n: int) -> None:
+        for _ in range(n):
+            next(self._stream)  # type: ignore[arg-type]
+        self.prompts_taken = n
+
+    def take_prompts(self, n: int) -> tuple[list[Prompt], list[int], list[int]]:
+        prompts, gids, seeds = [], [], []
+        while self.requeued and len(prompts) < n:
+            p, g, s = self.requeued.pop(0)
+            prompts.append(p), gids.append(g), seeds.append(s)
+        while len(prompts) < n:
+            prompts.append(next(self._stream))  # type: ignore[arg-type]
+            self.prompts_taken += 1
+            gids.append(self.next_group_id)
+            seeds.append(group_seed(self.cfg.run.seed, self.next_group_id))
+            self.next_group_id += 1
+        return prompts, gids, seeds
+
+    def requeue(self, items: list[tuple[Prompt, int, int]]) -> None:
+        self.requeued = list(items) + self.requeued
+
+
+class Stepper:
+    def __init__(self, p: Any, state: RunState, run_dir: Path) -> None:
+        self.p, self.state, self.run_dir = p, state, run_dir
+        self.cfg: Config = p.cfg
+        self.steplog: Any = None
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.pending_reward_refs: list[Any] = []
+        self.timings: list[dict[str, float]] = []
+        self.nonfinite_rewards = 0
+
+    # ------------------------------------------------------------ data path
+    def on_generated(self, groups: list[Any]) -> None:
+        tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
+        self.state.generated_tokens_this_run += tokens
+        if self.p.metrics:
+            self.p.metrics.record_generation(tokens, sum(len(g.samples) for g in groups))
+
+    def forward_judge_results(self, timeout_s: float) -> None:
+        entries = self.p.judges.poll(timeout_s)
+        if entries:
+            self.pending_reward_refs.append(self.p.buffer.set_rewards.remote(entries))
+            if self.p.metrics:
+                names = self.cfg.reward_names
+                for _, _, k, res in entries:
+                    self.p.metrics.observe_judge(names[k], res.latency_s, res.status)
+        if len(self.pending_reward_refs) > 16 or (self.pending_reward_refs and not entries):
+            done, self.pending_reward_refs = ray.wait(self.pending_reward_refs,
+                                                      num_returns=len(self.pending_reward_refs), timeout=0)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise RuntimeError(describe_actor_error("buffer", e)) from None
+
+    def try_pull(self, min_groups: int | None = None) -> Any:
+        gps = self.cfg.rollout.groups_per_step
+        try:
+            return ray.get(self.p.buffer.pull.remote(gps, self.state.version, min_groups=min_groups or gps))
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(describe_actor_error("buffer", e)) from None
+
+    # ------------------------------------------------------------ training
+    def train_on(self, table: Any) -> dict[str, Any]:
+        """Advantages, one learner step and the weight broadcast. Runs off the main thread."""
+        from rvpo_async.buffer import GroupBuffer
+
+        cfg = self.cfg
+        table = table.sort_by([("group_id", "ascending"), ("sample_idx", "ascending")])
+        batch = GroupBuffer.to_torch(table, self.p.pad_id)
+        rewards, mask = batch["rewards"], batch["reward_mask"]
+        if cfg.algo.nan_policy == "error":
+            status = batch.get("reward_status")
+            if status is not None and bool((status == STATUS_CODES["invalid"]).any()):
+                raise ValueError("a judge returned a non-finite or out-of-range reward and algo.nan_policy is "
+                                 "'error'; see the judge failure counts in the run log")
+        adv = advantages(rewards.double(), cfg.algo.aggregator, k_risk=cfg.algo.k_risk,
+                         weights=cfg.reward_weights, beta=cfg.algo.beta, batch_norm=cfg.algo.batch_norm,
+                         eps=cfg.algo.eps, mask=mask)
+        batch["advantages"] = adv.reshape(-1).float()
+        t0 = time.perf_counter()
+        try:
+            stats = self.p.learner.train_step(batch, self.p.loss_fn)
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(describe_actor_error("learner", e)) from None
+        t1 = time.perf_counter()
+        version = self.p.learner.version
+        try:
+            sync_s = self.p.sync.sync(self.p.learner, self.p.engines, version)
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(describe_actor_error("weight sync", e)) from None
+        diag = reward_diagnostics(rewards.double(), eps=cfg.algo.eps, mask=mask)
+        versions = batch["policy_version"].reshape(rewards.shape[0], -1)[:, 0]
+        return {"stats": stats, "diag": diag, "version": version, "sync_s": sync_s,
+                "train_s": t1 - t0, "staleness_values": [int(version - 1 - v) for v in versions.tolist()],
+                "group_ids": sorted(set(table.column("group_id").to_pylist())),
+                "samples": int(rewards.shape[0] * rewards.shape[1]),
+                "tokens": int(batch["response_mask"].sum())}
+
+    def finish_step(self, r: dict[str, Any], bar: Any) -> None:
+        st = self.state
+        st.step += 1
+        st.version = st.synced_version = int(r["version"])
+        st.trained_samples_this_run += r["samples"]
+        names = self.cfg.reward_names
+        diag = r["diag"]
+        stal = r["staleness_values"]
+        if stal and max(stal) > self.cfg.staleness.max_staleness:
+            raise AssertionError(f"trained a group of staleness {max(stal)} > max_staleness")
+        row = {
+            "step": st.step, "policy_version": st.version, "time": time.time(),
+            "reward_mean": {n: float(diag["mean"][k]) for k, n in enumerate(names)},
+            "reward_std": {n: float(diag["std"][k]) for k, n in enumerate(names)},
+            "bottleneck_share": {n: float(diag["bottleneck_share"][k]) for k, n in enumerate(names)},
+            "inter_variance": float(diag["inter_variance"]),
+            "staleness_values": stal, "group_ids": r["group_ids"],
+            "generated_tokens_total": st.generated_tokens_this_run, "trained_samples_total": st.trained_samples_this_run,
+            "train_s": r["train_s"], "sync_s": r["sync_s"],
+            "learner": {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))},
+        }
+        if "timing" in r:
+            row["timing"] = r["timing"]
+            self.timings.append(r["timing"])
+        self.steplog.write(row)
+        m = self.p.metrics
+        if m:
+            m.record_trained(r["tokens"], r["samples"], stal, r["train_s"],
+                             float(r["stats"].get("is_truncated_frac", 0.0)))
+            m.record_rewards([row["reward_mean"][n] for n in names], [row["reward_std"][n] for n in names],
+                             row["inter_variance"], [row["bottleneck_share"][n] for n in names])
+            m.set_policy_version(st.version)
+            m.observe_weight_sync(r["sync_s"])
+        bar.update(1)
+        bar.set_postfix({"tok/s": f"{st.generated_tokens_this_run / max(bar.format_dict['elapsed'], 1e-9):.0f}",
+                         **{n[:8]: f"{row['reward_mean'][n]:.2f}" for n in names},
+                         "stale": f"{sum(stal) / max(len(stal), 1):.1f}"}, refresh=False)
+        every = self.cfg.checkpoint.every
+        if every and st.step % every == 0 and st.step < self.cfg.run.steps:
+            self.checkpoint()
+
+    # ------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict[str, Any]:
+        st = self.state
+        return {"step": st.step, "submitted_groups": st.submitted_groups, "prompts_taken": st.prompts_taken,
+                "next_group_id": st.next_group_id, "requeued": [[p.prompt_id, g, s] for p, g, s in st.requeued]}
+
+    def checkpoint(self, final: bool = False) -> None:
+        self.p.learner.save_checkpoint(str(self.ckpt_dir), self._extra_state())
+
+    def resume(self) -> None:
+        from learner.checkpoint import find_latest
+
+        latest = find_latest(str(self.ckpt_dir))
+        if latest is None:
+            raise FileNotFoundError(f"run.resume is set but no checkpoint was found under {self.ckpt_dir}")
+        extra = self.p.learner.load_checkpoint(str(latest))
+        st = self.state
+        st.step = int(extra["step"])
+        st.version = st.synced_version = int(self.p.learner.version)
+        st.skip_prompts(int(extra["prompts_taken"]))
+        st.next_group_id = int(extra["next_group_id"])
+        # groups admitted but never scored are generated again; the buffer restored the scored ones
+        buffered = ray.get(self.p.buffer.stats.remote())
+        st.submitted_groups = st.step * self.cfg.rollout.groups_per_step + int(buffered.get("ready", 0))
+        by_id = {p.prompt_id: p for p in st.prompts}
+        st.requeued = [(by_id[pid], g, s) for pid, g, s in extra.get("requeued", [])]
+        self.p.sync.sync(self.p.learner, self.p.engines, st.version)
+        log.info("resumed from %s at step %d, policy version %d", latest, st.step, st.version)
+
+    def recover_engine(self, i: int, err: BaseException) -> None:
+        name = self.p.engine_names[i]
+        eng = self.p.engines[i]
+        try:
+            ray.get(eng.get_version.remote(), timeout=600)
+        except Exception:
+            raise RuntimeError(describe_actor_error(name, err)) from None
+        log.warning("rollout engine %s restarted; catching up to policy version %d", name, self.state.synced_version)
+        self.p.sync.catch_up(self.p.learner, eng, self.state.synced_version)
+
+    def export_final_model(self) -> None:
+        from learner.checkpoint import find_latest
+
+        latest = find_latest(str(self.ckpt_dir))
+        if latest is None:
+            return
+        dst = self.run_dir / "final_model"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(Path(latest) / "model", dst)
+
+    def report_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"judges": self.p.judges.stats()}
+        try:
+            extra["buffer"] = ray.get(self.p.buffer.stats.remote(), timeout=30)
+        except Exception as e:
+            extra["buffer"] = {"error": str(e)}
+        if self.timings:
+            n = len(self.timings)
+            extra["timing_mean_s"] = {k: sum(t[k] for t in self.timings) / n for k in self.timings[0]}
+        return extra
