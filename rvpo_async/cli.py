@@ -27,13 +27,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from rvpo_async.config import load_config
-    from rvpo_async.driver import train
+    from rvpo_async.driver import Interrupted, train
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("run.resume=true")
     cfg = load_config(args.config, overrides)
-    report = train(cfg)
+    try:
+        report = train(cfg)
+    except Interrupted as e:
+        print(f"rvpo-async: {e}", file=sys.stderr)
+        return 130
     print(f"run finished: {report['steps']} steps, report in {cfg.run.output_dir}/report.md")
     return 0
 
@@ -41,7 +45,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from rvpo_async.compare import compare
 
-    compare(args.config, args.overrides, aggregators=args.aggregators.split(","), out_dir=args.out)
+    compare(args.config, args.overrides, aggregators=args.aggregators.split(","), out_dir=args.out,
+            seeds=[int(x) for x in args.seeds.split(",")])
     return 0
 
 
@@ -75,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--aggregators", default="mean,gdpo,rvpo")
     s.add_argument("--out", default="runs/compare")
+    s.add_argument("--seeds", default="0", help="comma-separated run seeds; results are averaged")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_compare)
 

@@ -1,0 +1,80 @@
+"""The constraint-neglect study: one task, the same seeds, several aggregators.
+
+Each aggregator gets its own run directory under `out_dir`; the study writes `comparison.json`,
+`comparison.md` (a table of every reward per aggregator, first step and final) and `comparison.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from rvpo_async.config import load_config
+
+
+def compare(config_path: str, overrides: Sequence[str], *, aggregators: Sequence[str], out_dir: str,
+            seeds: Sequence[int] = (0,)) -> dict[str, Any]:
+    from rvpo_async.driver import train
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+    names: list[str] = []
+    for agg in aggregators:
+        for seed in seeds:
+            cfg = load_config(config_path, list(overrides) + [
+                f"algo.aggregator={agg}", f"run.seed={seed}", f"run.output_dir={out / f'{agg}-seed{seed}'}",
+                "run.resume=false"])
+            names = cfg.reward_names
+            report = train(cfg)
+            rows = [json.loads(ln) for ln in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+            results.setdefault(agg, []).append({"seed": seed, "report": report, "rows": rows})
+    summary = _summarise(results, names)
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "comparison.md").write_text(_table(summary, names))
+    _plot(results, names, out / "comparison.png")
+    print(_table(summary, names))
+    return summary
+
+
+def _summarise(results: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for agg, runs in results.items():
+        first = {n: sum(r["report"]["rewards_first_step"][n] for r in runs) / len(runs) for n in names}
+        final = {n: sum(r["report"]["rewards"][n] for r in runs) / len(runs) for n in names}
+        out[agg] = {"seeds": [r["seed"] for r in runs], "first": first, "final": final,
+                    "min_final": min(final.values()), "mean_final": sum(final.values()) / len(names)}
+    return out
+
+
+def _table(summary: dict[str, Any], names: Sequence[str]) -> str:
+    head = "| aggregator | " + " | ".join(names) + " | mean | min |"
+    sep = "|---" * (len(names) + 3) + "|"
+    lines = ["Final mean reward (last fifth of steps; first step in parentheses)", "", head, sep]
+    for agg, s in summary.items():
+        cells = [f"{s['final'][n]:.3f} ({s['first'][n]:.3f})" for n in names]
+        lines.append(f"| {agg} | " + " | ".join(cells) + f" | {s['mean_final']:.3f} | {s['min_final']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict[str, list[dict[str, Any]]], names: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
+    for k, n in enumerate(names):
+        ax = axes[0][k]
+        for agg, runs in results.items():
+            rows = runs[0]["rows"]
+            ax.plot([r["step"] for r in rows], [r["reward_mean"][n] for r in rows], label=agg)
+        ax.set_title(n)
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][0].set_ylabel("mean reward")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
