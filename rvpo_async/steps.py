@@ -119,11 +119,11 @@ class Stepper:
     # ------------------------------------------------------------ training
     def train_on(self, table: Any) -> dict[str, Any]:
         """Advantages, one learner step and the weight broadcast. Runs off the main thread."""
-        from rvpo_async.buffer import GroupBuffer
+        from rvpo_async.buffer import to_torch
 
         cfg = self.cfg
         table = table.sort_by([("group_id", "ascending"), ("sample_idx", "ascending")])
-        batch = GroupBuffer.to_torch(table, self.p.pad_id)
+        batch = to_torch(table, self.p.pad_id)
         rewards, mask = batch["rewards"], batch["reward_mask"]
         if cfg.algo.nan_policy == "error":
             status = batch.get("reward_status")
@@ -217,7 +217,7 @@ class Stepper:
         st.next_group_id = int(extra["next_group_id"])
         # groups admitted but never scored are generated again; the buffer restored the scored ones
         buffered = ray.get(self.p.buffer.stats.remote())
-        st.submitted_groups = st.step * self.cfg.rollout.groups_per_step + int(buffered.get("ready", 0))
+        st.submitted_groups = st.step * self.cfg.rollout.groups_per_step + int(buffered["groups"]["ready"])
         by_id = {p.prompt_id: p for p in st.prompts}
         st.requeued = [(by_id[pid], g, s) for pid, g, s in extra.get("requeued", [])]
         self.p.sync.sync(self.p.learner, self.p.engines, st.version)

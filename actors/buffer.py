@@ -1,0 +1,102 @@
+"""BufferActor: the GroupBuffer as an async Ray actor, adding backpressure.
+
+Rollout actors put groups, judge workers write reward entries, the learner pulls. Every method is a
+coroutine on the actor's single event loop, so the plain GroupBuffer needs no lock. When the buffer is
+full, `put_group` waits on a condition until a pull (or a stale-group eviction) frees room: producers
+slow down, nothing is dropped silently. A pulled pa.Table crosses Ray's object store as Arrow buffers,
+which the reader maps without copying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Iterable
+
+import pyarrow as pa
+import ray
+
+from rvpo_async.buffer import GroupBuffer, RewardEntry
+from rvpo_async.config import Config
+from rvpo_async.placement import actor_options
+from rvpo_async.types import RolloutGroup
+
+# Each waiting producer holds one concurrency slot; rollout actors x their in-flight groups stays far below.
+MAX_CONCURRENCY = 1000
+
+
+@ray.remote(max_concurrency=MAX_CONCURRENCY)
+class BufferActor:
+    def __init__(self, judge_names: list[str], group_size: int, capacity_groups: int, max_staleness: int,
+                 persist_dir: str | None = None, restore: bool = False) -> None:
+        if restore and persist_dir is not None:
+            self._buf = GroupBuffer.restore(persist_dir, judge_names, group_size, capacity_groups, max_staleness)
+        else:
+            self._buf = GroupBuffer(judge_names, group_size, capacity_groups, max_staleness, persist_dir)
+        self._room = asyncio.Condition()
+        self._waiting = 0
+        self._put_waits = 0
+        self._put_wait_s = 0.0
+
+    async def put_group(self, group: RolloutGroup, timeout_s: float | None = None) -> float:
+        """Add a group, waiting while the buffer is full; returns the seconds spent waiting."""
+        start = time.monotonic()
+        async with self._room:
+            if not self._buf.has_room():
+                self._waiting += 1
+                self._put_waits += 1
+                try:
+                    await asyncio.wait_for(self._room.wait_for(self._buf.has_room), timeout_s)
+                except TimeoutError:
+                    s = self._buf.stats()["groups"]
+                    raise TimeoutError(
+                        f"put_group: group {group.group_id} waited {timeout_s} s for room in the buffer "
+                        f"(capacity_groups {self._buf.capacity_groups}: {s['pending']} pending, {s['ready']} "
+                        f"ready); is the learner pulling?") from None
+                finally:
+                    self._waiting -= 1
+            self._buf.add_group(group)
+        waited = time.monotonic() - start
+        self._put_wait_s += waited
+        return waited
+
+    async def set_rewards(self, entries: Iterable[RewardEntry]) -> None:
+        """(group_id, sample_idx, judge_idx, JudgeResult) entries; a bad batch stores nothing."""
+        self._buf.set_rewards(entries)
+
+    async def pull(self, n_groups: int, current_version: int, min_groups: int = 1) -> pa.Table | None:
+        async with self._room:
+            table = self._buf.pull(n_groups, current_version, min_groups)
+            if self._buf.has_room():  # pulled or stale-dropped groups made room; waiters re-check
+                self._room.notify_all()
+        return table
+
+    async def has_room(self) -> bool:
+        return self._buf.has_room()
+
+    async def judge_names(self) -> list[str]:
+        return self._buf.judge_names
+
+    async def stats(self) -> dict[str, Any]:
+        """GroupBuffer.stats() plus backpressure: producers waiting now, waits so far, seconds waited."""
+        return {**self._buf.stats(), "producers_waiting": self._waiting, "put_waits": self._put_waits,
+                "put_wait_s": self._put_wait_s}
+
+    async def state_dict(self) -> dict[str, Any]:
+        return self._buf.state_dict()
+
+
+def default_persist_dir(cfg: Config) -> str:
+    """buffer.persist_dir, or <run.output_dir>/buffer when it is not set."""
+    return cfg.buffer.persist_dir or os.path.join(cfg.run.output_dir, "buffer")
+
+
+def create_buffer_actor(cfg: Config, judge_names: list[str], persist_dir: str | None,
+                        restore: bool | None = None) -> "ray.actor.ActorHandle":
+    """The buffer actor for a run. persist_dir None keeps scored groups in memory only; restore
+    (default: run.resume) reloads the groups a previous run scored but never pulled."""
+    opts = actor_options("buffer", cfg, max_concurrency=MAX_CONCURRENCY)
+    return BufferActor.options(**opts).remote(  # type: ignore[attr-defined]
+        list(judge_names), cfg.rollout.group_size, cfg.buffer.capacity_groups, cfg.staleness.max_staleness,
+        persist_dir, cfg.run.resume if restore is None else restore)
