@@ -47,7 +47,7 @@ def check_rewards(rewards: torch.Tensor, names: Sequence[str] | None = None,
         raise RewardError(f"rewards must have shape [B, G, K], got {tuple(rewards.shape)}")
     bad = ~torch.isfinite(rewards)
     if mask is not None:
-        bad = bad & mask
+        bad = bad & mask.to(torch.bool)
     if not bool(bad.any()):
         return
     per_col = bad.reshape(-1, rewards.shape[-1]).sum(0)  # [K]
@@ -75,8 +75,12 @@ def group_normalize(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     sq = ((r - mean) ** 2) * vf
     var = sq.sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)  # unbiased, as torch.std
     z = (r - mean) / (var.sqrt() + eps)
+    # a constant reward gives exactly 0: in float32 the rounded mean differs from the constant, and
+    # (r - mean) / (tiny std + eps) is then far from 0 for large constants
+    rmax = torch.where(valid, rewards, torch.full_like(rewards, -math.inf)).amax(dim=1, keepdim=True)
+    rmin = torch.where(valid, rewards, torch.full_like(rewards, math.inf)).amin(dim=1, keepdim=True)
     # fewer than two valid members: no signal for this reward in this group
-    z = torch.where((n >= 2) & valid, z, torch.zeros_like(z))
+    z = torch.where((n >= 2) & (rmax > rmin) & valid, z, torch.zeros_like(z))
     return z
 
 
@@ -106,11 +110,16 @@ def agg_rvpo(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, *, k_risk: f
     if not k_risk > 0:
         raise ValueError(f"k_risk must be > 0 for rvpo, got {k_risk}")
     wn = _masked_normalised_weights(w, valid)
-    # log w = -inf for masked / zero-weight rewards: they drop out of the log-sum-exp
-    logw = torch.where(wn > 0, wn.clamp_min(torch.finfo(z.dtype).tiny).log(), torch.full_like(wn, -math.inf))
+    live = wn > 0  # [..., K]
+    any_live = live.any(-1, keepdim=True)
+    # log w = -inf for masked / zero-weight rewards: they drop out of the log-sum-exp. A response with no
+    # reward of positive weight left gets 0; its row is given finite log-weights so that neither the
+    # output (+inf) nor the gradient (NaN) of the unused log-sum-exp leaks out.
+    logw = torch.where(live, wn.clamp_min(torch.finfo(z.dtype).tiny).log(), torch.full_like(wn, -math.inf))
+    logw = torch.where(any_live, logw, torch.zeros_like(logw))
     lse = torch.logsumexp(-k_risk * z + logw, dim=-1)
     out = -lse / k_risk
-    return torch.where(valid.any(-1), out, torch.zeros_like(out))
+    return torch.where(any_live.squeeze(-1), out, torch.zeros_like(out))
 
 
 def agg_rvpo_explicit(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, *, beta: float, **_: float) -> torch.Tensor:
@@ -193,8 +202,14 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     std = (((r0 - mean) ** 2 * vf).sum((0, 1)) / n).sqrt()
     z = group_normalize(rewards, eps=eps, mask=mask)
     k = rewards.shape[-1]
-    inter = z.var(dim=-1, unbiased=False).mean() if k > 1 else torch.zeros((), dtype=rewards.dtype)
-    lowest = torch.where(valid, z, torch.full_like(z, math.inf)).argmin(-1).reshape(-1)
+    # inter-reward variance and bottleneck over the valid rewards of each response only: a masked
+    # entry's Z = 0 is a placeholder, not a score; responses with no valid reward are left out
+    nk = vf.sum(-1)  # [B, G]
+    has = nk > 0
+    zm = (z * vf).sum(-1) / nk.clamp_min(1)
+    var_k = (((z - zm.unsqueeze(-1)) ** 2) * vf).sum(-1) / nk.clamp_min(1)
+    inter = var_k[has].mean() if bool(has.any()) else torch.zeros((), dtype=rewards.dtype)
+    lowest = torch.where(valid, z, torch.full_like(z, math.inf)).argmin(-1)[has]
     share = torch.bincount(lowest, minlength=k).to(rewards.dtype) / max(lowest.numel(), 1)
     return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share}
 
@@ -230,10 +245,16 @@ def policy_loss(
     if not 0 < staleness_decay <= 1:
         raise ValueError(f"staleness_decay must be in (0, 1], got {staleness_decay}")
     m = loss_mask.to(logprobs.dtype)
+    mb = m > 0  # [N, L]
     n_tok = m.sum().clamp_min(1)
     adv = advantages.detach().to(logprobs.dtype).unsqueeze(-1)  # [N, 1]
-    prox = proximal_logprobs.detach()
-    log_w = (prox - behaviour_logprobs.detach()).clamp(max=50.0)
+    # padding may hold anything (-inf, NaN); zero it before use so that neither the loss nor the
+    # gradient reaching `logprobs` can pick up a NaN from a position the mask excludes
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    logprobs = torch.where(mb, logprobs, zero)
+    prox = torch.where(mb, proximal_logprobs.detach(), zero)
+    behaviour = torch.where(mb, behaviour_logprobs.detach(), zero)
+    log_w = (prox - behaviour).clamp(max=50.0)
     w_raw = log_w.exp()  # [N, L]
     keep = torch.ones_like(m, dtype=torch.bool)
     if is_mode == "truncate":
@@ -263,9 +284,8 @@ def policy_loss(
 
     with torch.no_grad():
         clipped = (surr2 < surr1) if clip else torch.zeros_like(keep)
-        neg_log = behaviour_logprobs.detach() - logprobs.detach()
+        neg_log = behaviour - logprobs.detach()
         kl_k3 = neg_log.exp() - neg_log - 1  # k3 estimate of KL(pi_theta || mu)
-        mb = m > 0
         wr = w_raw[mb]
         stats = {
             "loss": float(loss.detach()),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +18,10 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import yaml
+
+
+# YAML 1.1 reads 1e-4 (no dot) as a string; accept such strings where a number is expected
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -155,6 +161,15 @@ class AlgoConfig:
     nan_policy: Literal["error", "mask"] = "mask"  # what a non-finite judge score becomes
 
     def check(self) -> Iterator[tuple[str, str]]:
+        for key in ("k_risk", "beta", "eps", "is_cap", "is_low", "is_high", "clip_eps_low", "clip_eps_high"):
+            if not math.isfinite(getattr(self, key)):
+                yield key, f"must be a finite number, got {getattr(self, key)}"
+        if not self.eps > 0:
+            yield "eps", f"must be > 0, got {self.eps}"
+        if not 0 <= self.clip_eps_low < 1:
+            yield "clip_eps_low", f"must be in [0, 1), got {self.clip_eps_low}"
+        if self.clip_eps_high < 0:
+            yield "clip_eps_high", f"must be >= 0, got {self.clip_eps_high}"
         if self.aggregator == "rvpo" and not self.k_risk > 0:
             yield "k_risk", f"must be > 0 for the rvpo aggregator, got {self.k_risk}"
         if self.is_cap <= 0:
@@ -215,6 +230,8 @@ class LearnerConfig:
             yield "grad_accum", f"must be >= 1, got {self.grad_accum}"
         if self.micro_batch_size < 1:
             yield "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}"
+        if 10002 <= self.master_port <= 19999:
+            yield "master_port", f"{self.master_port} lies in Ray's worker port range 10002-19999; pick another"
 
 
 @dataclass(frozen=True)
@@ -268,6 +285,8 @@ class Config:
         if w is not None and len(w) != len(self.judges.specs):
             yield "algo.reward_weights", (f"needs one weight per judge spec ({len(self.judges.specs)}), "
                                           f"got {len(w)}")
+        elif self.judges.specs and sum(self.reward_weights) <= 0:
+            yield "algo.reward_weights", f"must not all be zero, got {self.reward_weights}"
 
     @property
     def reward_names(self) -> list[str]:
@@ -343,6 +362,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
         return float(value)

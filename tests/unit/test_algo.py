@@ -1,0 +1,547 @@
+"""rvpo_async.algo against the float64 NumPy reference (tests/unit/reference.py) on random inputs."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from rvpo_async import algo
+from rvpo_async.algo import RewardError
+
+try:
+    from . import reference as ref
+except ImportError:
+    import reference as ref
+
+DTYPES = [torch.float64, torch.float32]
+# float32 paths: Z-scores are O(1..4) and aggregation adds a few roundings
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=2e-4)}
+SHAPES = [(1, 2, 1), (3, 5, 4), (6, 16, 3), (4, 7, 17)]
+METHODS = ["gdpo", "rvpo", "rvpo_explicit", "min"]
+
+
+def _rng(*key: object) -> np.random.Generator:
+    return np.random.default_rng([zlib.crc32(repr(k).encode()) for k in key] + [20240917])
+
+
+def draw_rewards(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """Mixed reward columns: continuous scores, binary pass/fail, and small integer grades."""
+    b, g, k = shape
+    r = rng.normal(loc=rng.normal(size=k), scale=rng.uniform(0.2, 3.0, size=k), size=(b, g, k))
+    for j in range(k):
+        kind = j % 3
+        if kind == 1:
+            r[..., j] = (rng.random((b, g)) < rng.uniform(0.2, 0.8)).astype(float)
+        elif kind == 2:
+            r[..., j] = rng.integers(0, 5, size=(b, g)).astype(float)
+    return r
+
+
+def draw_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.random(shape) > 0.2
+
+
+def draw_weights(rng: np.random.Generator, k: int) -> np.ndarray:
+    w = rng.uniform(0.1, 3.0, size=k)
+    if k > 2:
+        w[rng.integers(k)] = 0.0  # a zero weight is allowed and must drop its reward out
+    return w
+
+
+def t(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+
+def close(got: torch.Tensor, want: np.ndarray, dtype: torch.dtype) -> None:
+    np.testing.assert_allclose(got.double().numpy(), want, **TOL[dtype])
+
+
+# ---------------------------------------------------------------- group normalisation
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_group_normalize_matches_reference(dtype, shape, masked):
+    rng = _rng("gn", shape, masked)
+    r = draw_rewards(rng, shape)
+    mask = draw_mask(rng, shape) if masked else None
+    got = algo.group_normalize(t(r, dtype), mask=None if mask is None else torch.from_numpy(mask))
+    close(got, ref.group_normalize(r, mask=mask), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", [2, 3, 7, 16])
+@pytest.mark.parametrize("value", [0.0, 0.1, 1 / 3, -2.7, 7.3, 1e6 + 0.3])
+def test_group_normalize_constant_reward_gives_zero(dtype, g, value):
+    rng = _rng("const", g, value)
+    r = rng.normal(size=(3, g, 2))
+    r[1, :, 0] = value  # one group of one reward is constant
+    z = algo.group_normalize(t(r, dtype))
+    assert torch.equal(z[1, :, 0], torch.zeros(g, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_normalize_constant_among_valid_members_gives_zero(dtype):
+    r = np.array([[[5.0], [5.0], [-3.0], [5.0]]])
+    mask = torch.tensor([[[True], [True], [False], [True]]])
+    assert torch.equal(algo.group_normalize(t(r, dtype), mask=mask), torch.zeros(1, 4, 1, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_normalize_fewer_than_two_valid_members_gives_zero(dtype):
+    r = np.array([[[1.0, 4.0], [2.0, 5.0], [3.0, 9.0]]])
+    mask = torch.tensor([[[True, False], [False, False], [False, True]]])
+    assert torch.equal(algo.group_normalize(t(r, dtype), mask=mask), torch.zeros(1, 3, 2, dtype=dtype))
+
+
+# ---------------------------------------------------------------- aggregators and advantages
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_aggregate_matches_reference(dtype, method, weighted, masked):
+    rng = _rng("agg", method, weighted, masked)
+    shape = (5, 8, 6)
+    z = ref.group_normalize(draw_rewards(rng, shape))
+    w = draw_weights(rng, shape[-1]) if weighted else None
+    mask = draw_mask(rng, shape) if masked else None
+    k_risk, beta = float(rng.uniform(0.3, 4.0)), float(rng.uniform(0.1, 1.0))
+    got = algo.aggregate(t(z, dtype), method, k_risk=k_risk, weights=w, beta=beta,
+                         mask=None if mask is None else torch.from_numpy(mask))
+    want = ref.aggregate(z, method, k_risk=k_risk, weights=w, beta=beta, mask=mask)
+    close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", algo.AGGREGATOR_NAMES)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_advantages_match_reference(dtype, method, weighted, masked, batch_norm):
+    rng = _rng("adv", method, weighted, masked, batch_norm)
+    for shape in SHAPES:
+        r = draw_rewards(rng, shape)
+        w = draw_weights(rng, shape[-1]) if weighted else None
+        mask = draw_mask(rng, shape) if masked else None
+        k_risk = float(rng.uniform(0.3, 4.0))
+        got = algo.advantages(t(r, dtype), method, k_risk=k_risk, weights=w, beta=0.7, batch_norm=batch_norm,
+                              mask=None if mask is None else torch.from_numpy(mask))
+        want = ref.advantages(r, method, k_risk=k_risk, weights=w, beta=0.7, batch_norm=batch_norm, mask=mask)
+        assert got.shape == shape[:2]
+        close(got, want, dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _paper_scale_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = _rng("large")
+    r = draw_rewards(rng, (1024, 16, 17))
+    w = draw_weights(rng, 17)
+    return r, w, ref.advantages(r, "rvpo", k_risk=2.0, weights=w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rvpo_advantages_match_reference_at_paper_scale(dtype):
+    r, w, want = _paper_scale_case()
+    close(algo.advantages(t(r, dtype), "rvpo", k_risk=2.0, weights=w), want, dtype)
+
+
+def test_benchmark_baseline_agrees_with_reference():
+    from rvpo_async.bench import numpy_loop_advantages
+
+    rng = _rng("bench")
+    r = rng.normal(size=(6, 8, 5))
+    w = rng.uniform(0.5, 2.0, size=5)
+    np.testing.assert_allclose(numpy_loop_advantages(r, 1.5, w), ref.advantages(r, "rvpo", k_risk=1.5, weights=w),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_normalize_matches_reference(dtype):
+    a = _rng("bn").normal(loc=3.0, scale=2.0, size=(7, 9))
+    close(algo.batch_normalize(t(a, dtype)), ref.batch_normalize(a), dtype)
+
+
+# ---------------------------------------------------------------- RVPO limits and expansion
+
+def _z(seed: str, shape=(64, 17)) -> np.ndarray:
+    return ref.group_normalize(draw_rewards(_rng(seed), (shape[0] // 8, 8, shape[1]))).reshape(shape)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rvpo_tends_to_weighted_mean_as_k_risk_tends_to_zero(weighted):
+    z = _z("k0")
+    w = _rng("k0w").uniform(0.1, 3.0, size=z.shape[-1]) if weighted else None
+    mean_w, var_w, _ = ref.weighted_moments(z, w)
+    errors = []
+    for k in [1e-2, 1e-3, 1e-4, 1e-5]:
+        a = algo.aggregate(t(z, torch.float64), "rvpo", k_risk=k, weights=w).numpy()
+        err = np.abs(a - mean_w)
+        # first-order term is (k/2) var_w; allow the O(k^2) rest
+        assert np.all(err <= k * var_w / 2 * 1.1 + 1e-12), k
+        errors.append(err.max())
+    assert errors[-1] < 1e-4
+    # the gap is first order in k: it shrinks ~1000x over three decades of k
+    assert errors[-1] < 2e-3 * errors[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rvpo_tends_to_min_as_k_risk_tends_to_infinity(dtype, weighted):
+    z = _z("kinf")
+    k_dim = z.shape[-1]
+    w = _rng("kinfw").uniform(0.1, 3.0, size=k_dim) if weighted else np.ones(k_dim)
+    wn = w / w.sum()
+    zmin = z.min(-1)
+    for k in [1e2, 1e3, 1e4]:
+        a = algo.aggregate(t(z, dtype), "rvpo", k_risk=k, weights=w if weighted else None).double().numpy()
+        # min_k z <= A <= min_k z + log(1 / w_argmin) / k  (log(K) / k for uniform weights)
+        slack = np.log(1.0 / wn[z.argmin(-1)]) / k
+        fp = 1e-12 if dtype == torch.float64 else 4e-6 * (1 + np.abs(zmin))
+        assert np.all(a >= zmin - fp), k
+        assert np.all(a <= zmin + slack + fp), k
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rvpo_second_order_expansion_error_is_order_k_squared(weighted):
+    z = _z("expansion")
+    w = _rng("expw").uniform(0.1, 3.0, size=z.shape[-1]) if weighted else None
+    mean_w, var_w, skew_w = ref.weighted_moments(z, w)
+
+    def err(k: float) -> np.ndarray:
+        a = algo.aggregate(t(z, torch.float64), "rvpo", k_risk=k, weights=w).numpy()
+        return a - (mean_w - k / 2 * var_w)
+
+    e = {k: err(k) for k in [0.04, 0.02, 0.01, 1e-3]}
+    # halving k divides the worst error by ~4
+    for k in [0.04, 0.02]:
+        ratio = np.abs(e[k]).max() / np.abs(e[k / 2]).max()
+        assert 3.5 < ratio < 4.5, (k, ratio)
+    # and error / k^2 -> third weighted central moment / 6, response by response
+    np.testing.assert_allclose(e[1e-3] / 1e-6, skew_w / 6, rtol=0.02, atol=2e-3)
+
+
+# ---------------------------------------------------------------- invariances
+
+@pytest.mark.parametrize("method", METHODS)
+def test_aggregate_invariant_to_permuting_rewards_with_their_weights(method):
+    rng = _rng("perm", method)
+    z = ref.group_normalize(draw_rewards(rng, (4, 8, 7))).reshape(32, 7)
+    w = draw_weights(rng, 7)
+    mask = draw_mask(rng, z.shape)
+    perm = rng.permutation(7)
+    for m in [None, mask]:
+        base = algo.aggregate(t(z, torch.float64), method, k_risk=1.7, weights=w,
+                              mask=None if m is None else torch.from_numpy(m))
+        permuted = algo.aggregate(t(z[:, perm], torch.float64), method, k_risk=1.7, weights=w[perm],
+                                  mask=None if m is None else torch.from_numpy(m[:, perm]))
+        np.testing.assert_allclose(permuted.numpy(), base.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", algo.AGGREGATOR_NAMES)
+def test_advantages_invariant_to_permuting_rewards_with_their_weights(method):
+    rng = _rng("perm-adv", method)
+    r = draw_rewards(rng, (5, 8, 6))
+    w = draw_weights(rng, 6)
+    perm = rng.permutation(6)
+    base = algo.advantages(t(r, torch.float64), method, weights=w)
+    permuted = algo.advantages(t(r[..., perm], torch.float64), method, weights=w[perm])
+    np.testing.assert_allclose(permuted.numpy(), base.numpy(), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k_risk", [0.1, 1.0, 8.0])
+def test_single_reward_rvpo_equals_grpo_mean(dtype, k_risk):
+    r = draw_rewards(_rng("k1", k_risk), (6, 8, 1))
+    got = algo.advantages(t(r, dtype), "rvpo", k_risk=k_risk, batch_norm=False)
+    want = algo.advantages(t(r, dtype), "mean")
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+# ---------------------------------------------------------------- numerical stability
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k_risk", [1.0, 1e2, 1e4])
+def test_rvpo_output_and_gradient_finite_for_large_k_risk_times_z(dtype, k_risk):
+    rng = _rng("grad", k_risk)
+    # |k_risk * z| spans up to 1e4
+    z = torch.from_numpy(rng.uniform(-1.0, 1.0, size=(32, 17)) * (1e4 / k_risk)).to(dtype).requires_grad_(True)
+    out = algo.aggregate(z, "rvpo", k_risk=k_risk)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rvpo_gradient_is_a_probability_vector_over_rewards(dtype):
+    # A(z + c) = A(z) + c and A is increasing in each z_k: dA/dz is a probability vector
+    rng = _rng("gradsum")
+    z = torch.from_numpy(rng.normal(size=(16, 5)) * 30).to(dtype).requires_grad_(True)
+    algo.aggregate(z, "rvpo", k_risk=50.0, weights=[1.0, 2.0, 0.5, 0.0, 1.0]).sum().backward()
+    assert (z.grad >= 0).all()
+    torch.testing.assert_close(z.grad.sum(-1), torch.ones(16, dtype=dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rvpo_response_without_a_positive_weight_valid_reward_gives_zero_and_finite_gradient(dtype):
+    z = torch.tensor([[0.5, -1.0], [2.0, 0.3], [-0.7, 1.1]], dtype=dtype, requires_grad=True)
+    mask = torch.tensor([[True, False], [False, True], [False, False]])
+    out = algo.aggregate(z, "rvpo", k_risk=3.0, weights=[1.0, 0.0], mask=mask)
+    out.sum().backward()
+    assert out[1] == 0 and out[2] == 0
+    assert torch.isfinite(z.grad).all()
+
+
+# ---------------------------------------------------------------- reward checks
+
+def _bad_rewards() -> torch.Tensor:
+    r = torch.zeros(2, 4, 3, dtype=torch.float64)
+    r[0, 1, 2] = math.nan
+    r[1, 3, 2] = math.nan
+    r[1, 0, 0] = -math.inf
+    r[0, 2, 0] = math.inf
+    r[1, 2, 0] = math.nan
+    return r
+
+
+def _part_for(msg: str, column: int) -> str:
+    parts = [p for p in msg.split(";") if f"column {column}" in p]
+    assert len(parts) == 1, msg
+    return parts[0].replace(f"column {column}", "")
+
+
+def test_check_rewards_names_each_bad_column_and_its_count():
+    with pytest.raises(RewardError) as e:
+        algo.check_rewards(_bad_rewards())
+    msg = str(e.value)
+    assert re.search(r"\b2\b", _part_for(msg, 2))
+    assert re.search(r"\b3\b", _part_for(msg, 0))
+    assert "column 1" not in msg
+
+
+def test_check_rewards_uses_reward_names():
+    with pytest.raises(RewardError) as e:
+        algo.check_rewards(_bad_rewards(), names=["format", "length", "json_schema"])
+    msg = str(e.value)
+    assert "json_schema" in msg and "format" in msg and "length" not in msg
+
+
+@pytest.mark.parametrize("method", algo.AGGREGATOR_NAMES)
+def test_advantages_raise_reward_error_naming_column_and_count(method):
+    with pytest.raises(RewardError) as e:
+        algo.advantages(_bad_rewards(), method)
+    assert re.search(r"\b2\b", _part_for(str(e.value), 2))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_non_finite_rewards_under_the_mask_are_accepted(mask_dtype):
+    r = _bad_rewards()
+    mask = torch.isfinite(r).to(mask_dtype)
+    algo.check_rewards(r, mask=mask)
+    a = algo.advantages(r, "rvpo", mask=mask)
+    assert torch.isfinite(a).all()
+
+
+def test_aggregate_rejects_bad_arguments():
+    z = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        algo.aggregate(z, "median")
+    with pytest.raises(ValueError, match="one entry per reward"):
+        algo.aggregate(z, "gdpo", weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        algo.aggregate(z, "gdpo", weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="k_risk"):
+        algo.aggregate(z, "rvpo", k_risk=0.0)
+
+
+# ---------------------------------------------------------------- diagnostics
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_reward_diagnostics_match_reference(dtype, masked):
+    rng = _rng("diag", masked)
+    shape = (6, 8, 5)
+    r = rng.normal(loc=rng.normal(size=5), scale=rng.uniform(0.5, 2.0, size=5), size=shape)
+    mask = draw_mask(rng, shape) if masked else None
+    if masked:
+        mask[0, 3, :] = False  # a response with no valid reward
+    got = algo.reward_diagnostics(t(r, dtype), mask=None if mask is None else torch.from_numpy(mask))
+    want = ref.reward_diagnostics(r, mask=mask)
+    for key in ["mean", "std", "inter_variance"]:
+        close(got[key], np.asarray(want[key]), dtype)
+    np.testing.assert_allclose(got["bottleneck_share"].double().numpy(), want["bottleneck_share"], atol=1e-12)
+    assert float(got["bottleneck_share"].sum()) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- policy loss
+
+def _loss_inputs(rng: np.random.Generator, n: int = 6, length: int = 9, spread: float = 0.6):
+    logp = -rng.exponential(1.0, size=(n, length))
+    prox = logp + rng.normal(scale=0.2, size=(n, length))
+    beh = prox + rng.normal(scale=spread, size=(n, length))
+    adv = rng.normal(size=n)
+    lengths = rng.integers(1, length + 1, size=n)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(float)
+    return logp, prox, beh, adv, mask
+
+
+def _run_loss(logp, prox, beh, adv, mask, dtype=torch.float64, **kw):
+    lp = t(logp, dtype).requires_grad_(True)
+    loss, stats = algo.policy_loss(lp, t(prox, dtype), t(beh, dtype), t(adv, dtype), t(mask, dtype), **kw)
+    loss.backward()
+    return loss, lp.grad, stats
+
+
+LOSS_CASES = [
+    dict(is_mode="truncate"),
+    dict(is_mode="truncate", is_cap=1.2, clip=False),
+    dict(is_mode="mask", is_level="token", is_low=0.7, is_high=1.5),
+    dict(is_mode="mask", is_level="sequence", is_low=0.5, is_high=2.0),
+    dict(is_mode="none"),
+    dict(is_mode="truncate", staleness_decay=0.8),
+    dict(is_mode="mask", clip_eps_low=0.1, clip_eps_high=0.1, staleness_decay=0.5),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(LOSS_CASES)))
+def test_policy_loss_matches_reference(dtype, case):
+    kw = LOSS_CASES[case]
+    rng = _rng("loss", case)
+    logp, prox, beh, adv, mask = _loss_inputs(rng)
+    stale = rng.integers(0, 4, size=logp.shape[0])
+    loss, grad, stats = _run_loss(logp, prox, beh, adv, mask, dtype, staleness=t(stale, dtype), **kw)
+    want, want_grad, want_stats = ref.policy_loss(logp, prox, beh, adv, mask, staleness=stale, **kw)
+    tol = TOL[dtype]
+    assert float(loss.detach()) == pytest.approx(want, rel=tol["rtol"], abs=tol["atol"])
+    close(grad, want_grad, dtype)
+    for key, value in want_stats.items():
+        if key.endswith("_frac"):  # token fractions, logged at float32 precision; 1 token is >= 1/54
+            assert stats[key] == pytest.approx(value, abs=1e-6), key
+        else:
+            assert stats[key] == pytest.approx(value, rel=tol["rtol"], abs=tol["atol"]), key
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip", [False, True])
+def test_policy_loss_on_policy_equals_plain_policy_gradient(dtype, clip):
+    logp, _, _, adv, mask = _loss_inputs(_rng("onpolicy"))
+    lp = t(logp, dtype).requires_grad_(True)
+    loss, stats = algo.policy_loss(lp, lp.detach(), lp.detach(), t(adv, dtype), t(mask, dtype), clip=clip)
+    loss.backward()
+    pg_lp = t(logp, dtype).requires_grad_(True)
+    m, a = t(mask, dtype), t(adv, dtype)[:, None]
+    pg = -(a * pg_lp * m).sum() / m.sum()
+    pg.backward()
+    torch.testing.assert_close(lp.grad, pg_lp.grad, **TOL[dtype])
+    # every ratio and weight is 1, so the value is -mean_tokens(A)
+    torch.testing.assert_close(loss.detach(), -(a * m).sum() / m.sum(), **TOL[dtype])
+    assert stats["is_truncated_frac"] == 0 and stats["clip_frac"] == 0
+
+
+def test_policy_loss_truncation_caps_weight_and_reports_fraction():
+    rng = _rng("trunc")
+    logp, _, beh, adv, mask = _loss_inputs(rng, spread=1.0)
+    prox = logp.copy()  # ratio u = 1: the token gradient is -w * A / n_tokens
+    cap = 1.5
+    _, grad, stats = _run_loss(logp, prox, beh, adv, mask, is_mode="truncate", is_cap=cap, clip=False)
+    w_raw = np.exp(prox - beh)
+    want = -np.minimum(w_raw, cap) * adv[:, None] * mask / mask.sum()
+    np.testing.assert_allclose(grad.numpy(), want, rtol=1e-12, atol=1e-15)
+    n_over = int(((w_raw > cap) & (mask > 0)).sum())
+    assert 0 < n_over < mask.sum()
+    assert stats["is_truncated_frac"] == pytest.approx(n_over / mask.sum())
+    assert stats["is_masked_frac"] == 0
+
+
+def test_policy_loss_token_masking_zeroes_tokens_outside_bounds():
+    rng = _rng("mask-token")
+    logp, _, beh, adv, mask = _loss_inputs(rng, spread=1.0)
+    prox = logp.copy()
+    lo, hi = 0.6, 1.8
+    _, grad, stats = _run_loss(logp, prox, beh, adv, mask, is_mode="mask", is_low=lo, is_high=hi, clip=False)
+    w_raw = np.exp(prox - beh)
+    out = ((w_raw < lo) | (w_raw > hi)) & (mask > 0)
+    inside = ~((w_raw < lo) | (w_raw > hi)) & (mask > 0)
+    assert out.any() and inside.any()
+    assert np.all(grad.numpy()[out] == 0)
+    np.testing.assert_allclose(grad.numpy()[inside], (-w_raw * adv[:, None] / mask.sum())[inside], rtol=1e-12)
+    assert stats["is_masked_frac"] == pytest.approx(out.sum() / mask.sum())
+    assert stats["is_truncated_frac"] == 0
+
+
+def test_policy_loss_sequence_masking_drops_whole_sequences():
+    logp = np.full((3, 4), -1.0)
+    prox = logp.copy()
+    beh = prox.copy()
+    beh[0, 2] = prox[0, 2] + 3.0  # w = e^-3 < lo: sequence 0 is dropped
+    beh[2, 3] = prox[2, 3] - 3.0  # w = e^3 > hi, but on padding: sequence 2 stays
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]], dtype=float)
+    adv = np.array([1.0, -2.0, 0.5])
+    _, grad, stats = _run_loss(logp, prox, beh, adv, mask, is_mode="mask", is_level="sequence",
+                               is_low=0.5, is_high=5.0, clip=False)
+    g = grad.numpy()
+    assert np.all(g[0] == 0)
+    assert np.all(g[1, :3] != 0) and np.all(g[2, :3] != 0)
+    assert stats["is_masked_frac"] == pytest.approx(4 / 10)
+
+
+def test_policy_loss_staleness_decay_scales_each_sequence_by_lambda_to_the_s():
+    rng = _rng("decay")
+    logp, prox, beh, adv, mask = _loss_inputs(rng)
+    stale = np.array([0, 1, 2, 3, 0, 5])
+    lam = 0.7
+    _, g_plain, _ = _run_loss(logp, prox, beh, adv, mask, staleness=t(stale, torch.float64))
+    _, g_decay, _ = _run_loss(logp, prox, beh, adv, mask, staleness=t(stale, torch.float64), staleness_decay=lam)
+    np.testing.assert_allclose(g_decay.numpy(), g_plain.numpy() * lam ** stale[:, None], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fill", [7.5, -1e4, math.nan, -math.inf])
+def test_policy_loss_ignores_padding(fill):
+    rng = _rng("pad")
+    logp, prox, beh, adv, mask = _loss_inputs(rng)
+    pad = mask == 0
+    assert pad.any()
+    base_loss, base_grad, base_stats = _run_loss(logp, prox, beh, adv, mask)
+    junk = [x.copy() for x in (logp, prox, beh)]
+    for x in junk:
+        x[pad] = fill
+    loss, grad, stats = _run_loss(*junk, adv, mask)
+    assert float(loss.detach()) == float(base_loss.detach())
+    assert torch.equal(grad, base_grad)
+    assert np.all(grad.numpy()[pad] == 0)
+    assert stats == base_stats
+    assert stats["tokens"] == mask.sum()
+
+
+def test_policy_loss_clip_frac_counts_clipped_tokens():
+    el, eh = 0.2, 0.28
+    # (ratio, advantage) per token: the PPO min takes the clipped branch exactly when
+    # A > 0 and u > 1 + eh, or A < 0 and u < 1 - el
+    tokens = [(1.5, 1.0, True), (0.5, -1.0, True), (1.5, -1.0, False), (0.5, 1.0, False),
+              (1.1, 1.0, False), (0.9, -1.0, False), (2.0, 2.0, True), (1.0, 0.0, False)]
+    n = len(tokens)
+    ratio = np.array([r for r, _, _ in tokens])
+    adv = np.array([a for _, a, _ in tokens])
+    prox = np.full((n, 1), -1.0)
+    logp = prox + np.log(ratio)[:, None]
+    mask = np.ones((n, 1))
+    _, grad, stats = _run_loss(logp, prox, prox.copy(), adv, mask, clip_eps_low=el, clip_eps_high=eh)
+    expected = sum(c for _, _, c in tokens)
+    assert stats["clip_frac"] == pytest.approx(expected / n)
+    clipped = np.array([c for _, _, c in tokens])
+    assert np.all(grad.numpy()[clipped, 0] == 0)
+
+
+def test_policy_loss_rejects_bad_options():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="is_mode"):
+        algo.policy_loss(x, x, x, torch.zeros(2), torch.ones(2, 3), is_mode="clip")
+    with pytest.raises(ValueError, match="staleness_decay"):
+        algo.policy_loss(x, x, x, torch.zeros(2), torch.ones(2, 3), staleness_decay=0.0)
