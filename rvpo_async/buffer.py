@@ -8,68 +8,41 @@ it becomes one Arrow RecordBatch: columnar buffers cross Ray's object store with
 into torch tensors without per-sample Python loops. `pull` first evicts ready groups whose staleness
 exceeds max_staleness (ALGORITHM.md section 3), then hands out the oldest ready groups.
 
-Persistence (persist_dir): each group that becomes ready is written to its own Arrow IPC file (temp
-name, then os.replace, so a file is whole or absent). Groups leaving the buffer (pulled or dropped) are
-first named in an atomically replaced JSON ledger, then their files are deleted; `GroupBuffer.restore`
-reloads every file the ledger does not name, so a restarted run loses no scored group. Pending groups
-are not persisted: they are generated again.
+Persistence (persist_dir): each group that becomes ready is written to its own Arrow IPC file, and
+groups leaving the buffer are named in a ledger before their files are deleted, so `GroupBuffer.restore`
+loses no scored group; the files and their schema are handled in rvpo_async.buffer_store. Learner tensors
+from a pulled table: `to_torch`, in rvpo_async.buffer_torch. Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import re
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass
 from itertools import chain, islice
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
+from rvpo_async import buffer_store as store
+# re-exported: callers import these from rvpo_async.buffer
+from rvpo_async.buffer_store import GROUP_SIZE_KEY, JUDGE_NAMES_KEY, LEDGER_NAME, BufferCorrupt, buffer_schema  # noqa
+from rvpo_async.buffer_torch import to_torch  # noqa: F401
 from rvpo_async.staleness import is_too_stale
 from rvpo_async.types import STATUS_CODES, JudgeResult, RolloutGroup
 
-if TYPE_CHECKING:
-    import torch
-
-JUDGE_NAMES_KEY = b"rvpo.judge_names"
-GROUP_SIZE_KEY = b"rvpo.group_size"
 MASKED_STATUSES = ("timeout", "error", "invalid")
-LEDGER_NAME = "ledger.json"
 _OK = STATUS_CODES["ok"]
 _WRITABLE = frozenset(STATUS_CODES) - {"pending"}
-_FILE_RE = re.compile(r"^group-(\d{12})-(-?\d+)\.arrow$")
 _RETIRED_MEMORY = 65536  # ids remembered after leaving, so a judge's late retry is counted, not an error
 RewardEntry = tuple[int, int, int, JudgeResult]  # (group_id, sample_idx, judge_idx, result)
 
 
 class BufferFull(RuntimeError):
     """add_group on a buffer that already holds capacity_groups groups (pending + ready)."""
-
-
-class BufferCorrupt(RuntimeError):
-    """A persisted buffer file cannot be read back; the message names the file."""
-
-
-def buffer_schema(judge_names: list[str], group_size: int) -> pa.Schema:
-    """Row = one sample. Position k of rewards/reward_mask/reward_status is judge judge_names[k]."""
-    k = len(judge_names)
-    return pa.schema([
-        ("group_id", pa.int64()), ("sample_idx", pa.int32()), ("prompt_id", pa.string()),
-        ("prompt_text", pa.string()), ("prompt_tokens", pa.list_(pa.int32())), ("response_text", pa.string()),
-        ("response_tokens", pa.list_(pa.int32())), ("behaviour_logprobs", pa.list_(pa.float32())),
-        ("finish_reason", pa.string()), ("rewards", pa.list_(pa.float32(), k)),
-        ("reward_mask", pa.list_(pa.bool_(), k)), ("reward_status", pa.list_(pa.int8(), k)),
-        ("policy_version", pa.int64()), ("engine", pa.string()), ("created_at", pa.float64()),
-        ("scored_at", pa.float64()),
-    ], metadata={JUDGE_NAMES_KEY: json.dumps(list(judge_names)).encode(), GROUP_SIZE_KEY: str(group_size).encode()})
 
 
 @dataclass
@@ -89,22 +62,13 @@ class _Ready:
 
     @property
     def file_name(self) -> str:
-        return f"group-{self.seq:012d}-{self.group_id}.arrow"
+        return store.group_file_name(self.seq, self.group_id)
 
 
 def _new_counters() -> dict[str, Any]:
     return {"groups_added": 0, "groups_became_ready": 0, "groups_pulled": 0, "dropped": {"stale": 0},
             "masked": {s: 0 for s in MASKED_STATUSES}, "nonfinite_values": 0, "duplicate_writes": 0,
             "entries_written": 0, "rows_ingested": 0, "rows_pulled": 0}
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class GroupBuffer:
@@ -130,11 +94,7 @@ class GroupBuffer:
         self._unlink_due: dict[str, str] = {}  # persisted file -> why it left; kept in the ledger until deleted
         self._persist_dir: str | None = None
         if persist_dir is not None:
-            os.makedirs(persist_dir, exist_ok=True)
-            old = [n for n in os.listdir(persist_dir) if _FILE_RE.match(n)]
-            if old:
-                raise ValueError(f"persist_dir {persist_dir} holds {len(old)} scored group file(s) from an earlier "
-                                 f"run; use GroupBuffer.restore({persist_dir!r}, ...) or an empty directory")
+            store.open_fresh(persist_dir)
             self._persist_dir = persist_dir
 
     @property
@@ -228,7 +188,7 @@ class GroupBuffer:
         self._counters["groups_became_ready"] += 1
         self._counters["rows_ingested"] += self._g
         if self._persist_dir is not None:
-            self._write_group_file(r)
+            store.write_group_file(self._persist_dir, r.file_name, r.group_id, self._schema, r.batch)
 
     def _to_batch(self, p: _Pending, scored_at: float) -> pa.RecordBatch:
         g, n, k = p.group, self._g, self._k
@@ -305,14 +265,7 @@ class GroupBuffer:
                 for r in items:
                     self._unlink_due.pop(r.file_name, None)
                 raise
-            for name in list(self._unlink_due):
-                try:
-                    os.remove(os.path.join(self._persist_dir, name))
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    continue  # stays in the ledger; retried on the next pull
-                del self._unlink_due[name]
+            store.delete_left(self._persist_dir, self._unlink_due)  # what stays is retried on the next pull
         for r in items:
             self._ready_ids.discard(r.group_id)
             self._retired.append(r.group_id)
@@ -342,21 +295,9 @@ class GroupBuffer:
             self._counters[key] = copy.deepcopy(v) if not isinstance(v, dict) else {**self._counters[key], **v}
         self._seq = max(self._seq, int(state.get("next_seq", 0)))
 
-    def _write_group_file(self, r: _Ready) -> None:
-        assert self._persist_dir is not None
-        path = os.path.join(self._persist_dir, r.file_name)
-        sink = pa.BufferOutputStream()
-        with ipc.new_file(sink, self._schema) as w:
-            w.write_batch(r.batch)
-        try:
-            _atomic_write(path, sink.getvalue().to_pybytes())
-        except OSError as e:
-            raise OSError(f"cannot persist scored group {r.group_id} to {path}: {e}") from e
-
     def _write_ledger(self) -> None:
         assert self._persist_dir is not None
-        doc = {"left": self._unlink_due, **self.state_dict()}
-        _atomic_write(os.path.join(self._persist_dir, LEDGER_NAME), json.dumps(doc).encode())
+        store.write_ledger(self._persist_dir, self._unlink_due, self.state_dict())
 
     @classmethod
     def restore(cls, persist_dir: str, judge_names: list[str], group_size: int, capacity_groups: int,
@@ -364,118 +305,14 @@ class GroupBuffer:
         """A buffer holding every scored group in persist_dir that was neither pulled nor dropped, in
         the order they became ready; counters as of the last pull. An absent directory gives an empty one."""
         buf = cls(judge_names, group_size, capacity_groups, max_staleness, clock=clock)
-        os.makedirs(persist_dir, exist_ok=True)
-        ledger_path = os.path.join(persist_dir, LEDGER_NAME)
-        ledger: dict[str, Any] = {}
-        if os.path.exists(ledger_path):
-            try:
-                with open(ledger_path, "rb") as f:
-                    ledger = json.loads(f.read())
-            except (OSError, ValueError) as e:
-                raise BufferCorrupt(f"buffer ledger {ledger_path} is unreadable: {e}") from e
-        left = ledger.get("left", {})
-        for name in sorted(os.listdir(persist_dir)):
-            path = os.path.join(persist_dir, name)
-            m = _FILE_RE.match(name)
-            if name.endswith(".tmp"):
-                os.remove(path)  # a write that never finished: its group was not yet durable
-            elif m and name in left:
-                os.remove(path)
-            elif m:
-                batch = _read_group_file(path, buf._schema)
-                r = _Ready(int(m.group(2)), int(m.group(1)), int(batch.column("policy_version")[0].as_py()), batch)
-                buf._ready.append(r)
-                buf._ready_ids.add(r.group_id)
-                buf._seq = max(buf._seq, r.seq + 1)
-        buf.load_state_dict({k: v for k, v in ledger.items() if k != "left"})
+        state, groups = store.load_dir(persist_dir, buf._schema)
+        for seq, group_id, batch in groups:
+            r = _Ready(group_id, seq, int(batch.column("policy_version")[0].as_py()), batch)
+            buf._ready.append(r)
+            buf._ready_ids.add(r.group_id)
+            buf._seq = max(buf._seq, r.seq + 1)
+        buf.load_state_dict(state)
         buf._persist_dir = persist_dir
         buf._write_ledger()
         return buf
 
-
-def _read_group_file(path: str, schema: pa.Schema) -> pa.RecordBatch:
-    try:
-        with pa.OSFile(path, "rb") as f:
-            table = ipc.open_file(f).read_all()
-    except (pa.ArrowException, OSError) as e:
-        raise BufferCorrupt(f"buffer file {path} is unreadable (truncated or corrupt): {e}") from e
-    if not table.schema.equals(schema, check_metadata=True):
-        raise BufferCorrupt(f"buffer file {path} has schema {table.schema} with metadata "
-                            f"{table.schema.metadata}; this buffer expects {schema} with {schema.metadata}")
-    n = int(schema.metadata[GROUP_SIZE_KEY])
-    if table.num_rows != n:
-        raise BufferCorrupt(f"buffer file {path} holds {table.num_rows} rows, expected one group of {n}")
-    return table.combine_chunks().to_batches()[0]
-
-
-def _view(arr: pa.Array) -> np.ndarray:
-    """Zero-copy, read-only NumPy view of a primitive Arrow array without nulls (raises otherwise)."""
-    return arr.to_numpy(zero_copy_only=True)
-
-
-def to_torch(table: pa.Table, pad_id: int, *, writable: bool = False) -> dict[str, "torch.Tensor"]:
-    """Learner tensors from a pulled table (N = B * G rows, group-major).
-
-    input_ids [N, L] int64: prompt then response, right-padded with pad_id. attention_mask [N, L] int64.
-    response_mask [N, L] bool: True on response tokens. behaviour_logprobs [N, L] float32: position t
-    holds log mu(input_ids[t]) on response tokens, 0 elsewhere. rewards [B, G, K] float32 (NaN where
-    masked), reward_mask [B, G, K] bool (True = valid), reward_status [B, G, K] int8, policy_version [N],
-    prompt_lens / response_lens [N] int64, group_ids [B] int64.
-
-    Copies: the [N, L] tensors are built by one vectorised scatter (padding needs new memory), and
-    reward_mask is unpacked from Arrow's bit-packed booleans. rewards, reward_status and policy_version
-    view Arrow's buffers (read-only: from the object store they are shared); pass writable=True to get
-    copies that may be modified in place.
-    """
-    import torch
-
-    meta = table.schema.metadata or {}
-    if GROUP_SIZE_KEY not in meta or JUDGE_NAMES_KEY not in meta:
-        raise ValueError(f"table lacks the metadata {GROUP_SIZE_KEY!r}, {JUDGE_NAMES_KEY!r} of GroupBuffer.pull")
-    g, k, n = int(meta[GROUP_SIZE_KEY]), len(json.loads(meta[JUDGE_NAMES_KEY])), table.num_rows
-    if n == 0 or n % g:
-        raise ValueError(f"table has {n} rows, not a positive multiple of group_size {g}")
-    b = n // g
-    t = table.combine_chunks()  # no copy when already a single chunk, as pull returns it
-    col = {name: t.column(name).chunk(0) for name in t.column_names}
-    gids = _view(col["group_id"]).reshape(b, g)
-    if (gids != gids[:, :1]).any() or (_view(col["sample_idx"]).reshape(b, g) != np.arange(g)).any():
-        raise ValueError("table rows are not whole groups in sample order; pass a table from GroupBuffer.pull")
-    p_off = _view(col["prompt_tokens"].offsets).astype(np.int64)
-    r_off = _view(col["response_tokens"].offsets).astype(np.int64)
-    plen, rlen = np.diff(p_off), np.diff(r_off)
-    width = max(int((plen + rlen).max()), 1)
-    rows = np.arange(n)
-
-    def positions(lens: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        r = np.repeat(rows, lens)
-        return r, np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(shift, lens)
-
-    pr, pc = positions(plen, np.zeros(n, np.int64))
-    rr, rc = positions(rlen, plen)
-    input_ids = np.full((n, width), pad_id, dtype=np.int64)
-    input_ids[pr, pc] = _view(col["prompt_tokens"].flatten())
-    input_ids[rr, rc] = _view(col["response_tokens"].flatten())
-    response_mask = np.zeros((n, width), dtype=bool)
-    response_mask[rr, rc] = True
-    blp = np.zeros((n, width), dtype=np.float32)
-    blp[rr, rc] = _view(col["behaviour_logprobs"].flatten())
-    attention = (np.arange(width) < (plen + rlen)[:, None]).astype(np.int64)
-
-    def shared(a: np.ndarray) -> torch.Tensor:
-        if writable:
-            return torch.from_numpy(a.copy())
-        with warnings.catch_warnings():  # torch warns on read-only arrays; the docstring says why that is fine
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(a)
-
-    return {
-        "input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
-        "response_mask": torch.from_numpy(response_mask), "behaviour_logprobs": torch.from_numpy(blp),
-        "rewards": shared(_view(col["rewards"].flatten())).reshape(b, g, k),  # [B, G, K]
-        "reward_mask": torch.from_numpy(col["reward_mask"].flatten().to_numpy(zero_copy_only=False)).reshape(b, g, k),
-        "reward_status": shared(_view(col["reward_status"].flatten())).reshape(b, g, k),
-        "policy_version": shared(_view(col["policy_version"])),
-        "prompt_lens": torch.from_numpy(plen), "response_lens": torch.from_numpy(rlen),
-        "group_ids": torch.from_numpy(gids[:, 0].copy()),
-    }
