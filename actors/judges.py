@@ -1,0 +1,335 @@
+"""Judges: each turns one response into one entry of the reward vector.
+
+A judge is anything with `name`, a declared range `[low, high]` and `score(prompt, text) -> float`
+(the `Judge` protocol). The rule judges here are cheap, deterministic CPU checks built from a
+`JudgeSpec` (kind + params); `build_judge` is the one factory, a table from kind to builder, so a spec
+in the config maps to code you can jump to. LLM and HTTP judges live in `actors/llm_judge.py`.
+
+`evaluate` / `run_judge` wrap a call so that it can never raise: a judge that throws, returns a
+non-number, NaN/inf, a value outside its range, or misses its deadline gives a masked `JudgeResult`
+whose status and reason say which. The learner masks those entries instead of training on them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from functools import partial
+from numbers import Real
+from typing import Any, Protocol
+
+from rvpo_async.config import JudgeSpec
+from rvpo_async.types import JudgeResult, Prompt
+
+_REASON_CHARS = 500
+
+
+class Judge(Protocol):
+    """One reward entry. `low`/`high` is the declared range; scores outside it are rejected."""
+
+    name: str
+    low: float
+    high: float
+
+    def score(self, prompt: Prompt, sample_text: str) -> float: ...
+
+
+Builder = Callable[[JudgeSpec, Mapping[str, Any]], Judge]
+
+
+class Params:
+    """A spec's params merged over defaults, refusing unknown and missing keys: a misspelt param would
+    otherwise silently fall back to its default and change the reward without anyone noticing."""
+
+    def __init__(self, spec: JudgeSpec, required: Sequence[str], optional: Mapping[str, Any]):
+        self.spec = spec
+        valid = [*required, *optional]
+        for key in spec.params:
+            if key not in valid:
+                raise self.error(key, f"is unknown; valid params: {', '.join(valid)}")
+        for key in required:
+            if key not in spec.params:
+                raise self.error(key, f"is required; valid params: {', '.join(valid)}")
+        self.values: dict[str, Any] = {**optional, **spec.params}
+
+    def error(self, key: str, problem: str) -> ValueError:
+        return ValueError(f"judge '{self.spec.name}' (kind '{self.spec.kind}'): param '{key}' {problem}")
+
+    def text(self, key: str) -> str:
+        v = self.values[key]
+        if not isinstance(v, str) or not v:
+            raise self.error(key, f"must be a non-empty string, got {v!r}")
+        return v
+
+    def choice(self, key: str, options: Sequence[str]) -> str:
+        v = self.values[key]
+        if v not in options:
+            raise self.error(key, f"must be one of {', '.join(map(repr, options))}, got {v!r}")
+        return str(v)
+
+    def flag(self, key: str) -> bool:
+        v = self.values[key]
+        if not isinstance(v, bool):
+            raise self.error(key, f"must be true or false, got {v!r}")
+        return v
+
+    def number(self, key: str, *, minimum: float | None = None, integer: bool = False) -> float:
+        v = self.values[key]
+        ok = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (integer and int(v) != v):
+            raise self.error(key, f"must be {'an integer' if integer else 'a finite number'}, got {v!r}")
+        if minimum is not None and v < minimum:
+            raise self.error(key, f"must be >= {minimum}, got {v!r}")
+        return float(v)
+
+    def words(self, key: str) -> tuple[str, ...]:
+        v = self.values[key]
+        if not isinstance(v, (list, tuple)) or not v or not all(isinstance(w, str) and w for w in v):
+            raise self.error(key, f"must be a non-empty list of non-empty strings, got {v!r}")
+        return tuple(v)
+
+    def score_range(self) -> tuple[float, float]:
+        """Every judge maps its native [0, 1] onto params `low`/`high` when they are given."""
+        low, high = self.number("low"), self.number("high")
+        if not low < high:
+            raise self.error("high", f"must be greater than low ({low}), got {high}")
+        return low, high
+
+
+_RANGE = {"low": 0.0, "high": 1.0}
+Check = Callable[[Prompt, str], float]
+
+
+@dataclass(frozen=True)
+class RuleJudge:
+    """A rule judge: a pure check scoring [0, 1], mapped onto the declared [low, high]."""
+
+    name: str
+    low: float
+    high: float
+    check: Check  # one of the *_check functions below with its params bound
+
+    def score(self, prompt: Prompt, sample_text: str) -> float:
+        return self.low + self.check(prompt, sample_text) * (self.high - self.low)
+
+
+def _word_patterns(words: Sequence[str], case_sensitive: bool) -> tuple[re.Pattern[str], ...]:
+    """Whole-word matches, so 'cat' is not found inside 'category'."""
+    flags = 0 if case_sensitive else re.IGNORECASE
+    return tuple(re.compile(rf"(?<!\w){re.escape(w)}(?!\w)", flags) for w in words)
+
+
+def regex_check(pattern: re.Pattern[str], fullmatch: bool, prompt: Prompt, text: str) -> float:
+    """fullmatch: the whole response, surrounding whitespace stripped, must match."""
+    return 1.0 if (pattern.fullmatch(text.strip()) if fullmatch else pattern.search(text)) else 0.0
+
+
+def length_check(min_chars: int, max_chars: int, slack: float, prompt: Prompt, text: str) -> float:
+    """1 inside [min_chars, max_chars], decaying linearly to 0 over `slack` characters outside."""
+    miss = max(min_chars - len(text), len(text) - max_chars, 0)
+    return max(0.0, 1.0 - miss / slack)
+
+
+def keywords_check(patterns: Sequence[re.Pattern[str]], require_all: bool, prompt: Prompt, text: str) -> float:
+    """all: the fraction of words present (partial credit); any: 1 if one is present."""
+    found = sum(1 for p in patterns if p.search(text))
+    return found / len(patterns) if require_all else float(found > 0)
+
+
+def forbidden_check(patterns: Sequence[re.Pattern[str]], prompt: Prompt, text: str) -> float:
+    return 0.0 if any(p.search(text) for p in patterns) else 1.0
+
+
+def first_json_object(text: str) -> dict[str, Any] | None:
+    """The first `{...}` in `text` that parses as a JSON object, or None."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            return obj
+        start = text.find("{", start + 1)
+    return None
+
+
+def json_schema_check(validator: Any, prompt: Prompt, text: str) -> float:
+    """1 for a JSON object that validates, 0.5 for one that does not (the format was tried), 0 for none."""
+    obj = first_json_object(text)
+    return 0.0 if obj is None else (1.0 if validator.is_valid(obj) else 0.5)
+
+
+_STRIP_CHARS = " \t\n.,;:!?\"'`$*()[]"
+
+
+def final_answer(text: str) -> str:
+    """The response's final answer: the last \\boxed{...}, else what follows the last 'answer:' /
+    'answer is', else the last non-empty line."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1]
+    marks = list(re.finditer(r"answer\s*(?:is|:)", text, re.IGNORECASE))
+    if marks:
+        rest = text[marks[-1].end():].strip()
+        return rest.splitlines()[0] if rest else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def normalise_answer(answer: str) -> str:
+    """Case, surrounding punctuation, inner whitespace and thousands separators do not count."""
+    s = re.sub(r"\s+", " ", answer.strip().lower()).strip(_STRIP_CHARS)
+    if re.fullmatch(r"[-+]?[\d,]*\.?\d+", s):
+        value = float(s.replace(",", ""))
+        s = str(int(value)) if value.is_integer() else repr(value)
+    return s
+
+
+def exact_match_check(judge_name: str, field: str, normalize: bool, prompt: Prompt, text: str) -> float:
+    if field not in prompt.meta:
+        raise ValueError(f"judge '{judge_name}': prompt {prompt.prompt_id!r} has no meta field {field!r} "
+                       f"(meta keys: {sorted(prompt.meta)})")
+    got, want = final_answer(text), str(prompt.meta[field])
+    return float(normalise_answer(got) == normalise_answer(want) if normalize else got.strip() == want.strip())
+
+
+def _build_regex(spec: JudgeSpec, deps: Mapping[str, Any]) -> Judge:
+    p = Params(spec, ["pattern"], {"mode": "search", **_RANGE})
+    try:
+        pattern = re.compile(p.text("pattern"))
+    except re.error as e:
+        raise p.error("pattern", f"is not a valid regular expression ({e}): {p.values['pattern']!r}") from None
+    fullmatch = p.choice("mode", ["search", "fullmatch"]) == "fullmatch"
+    return RuleJudge(spec.name, *p.score_range(), partial(regex_check, pattern, fullmatch))
+
+
+def _build_length(spec: JudgeSpec, deps: Mapping[str, Any]) -> Judge:
+    p = Params(spec, ["max_chars"], {"min_chars": 0, "slack": 50, **_RANGE})
+    lo, hi = p.number("min_chars", minimum=0, integer=True), p.number("max_chars", minimum=0, integer=True)
+    if hi < lo:
+        raise p.error("max_chars", f"must be >= min_chars ({int(lo)}), got {int(hi)}")
+    slack = p.number("slack")
+    if slack <= 0:
+        raise p.error("slack", f"must be > 0, got {slack}")
+    return RuleJudge(spec.name, *p.score_range(), partial(length_check, int(lo), int(hi), slack))
+
+
+def _build_keywords(spec: JudgeSpec, deps: Mapping[str, Any]) -> Judge:
+    p = Params(spec, ["words"], {"mode": "all", "case_sensitive": False, **_RANGE})
+    patterns = _word_patterns(p.words("words"), p.flag("case_sensitive"))
+    require_all = p.choice("mode", ["all", "any"]) == "all"
+    return RuleJudge(spec.name, *p.score_range(), partial(keywords_check, patterns, require_all))
+
+
+def _build_forbidden(spec: JudgeSpec, deps: Mapping[str, Any]) -> Judge:
+    p = Params(spec, ["words"], {"case_sensitive": False, **_RANGE})
+    patterns = _word_patterns(p.words("words"), p.flag("case_sensitive"))
+    return RuleJudge(spec.name, *p.score_range(), partial(forbidden_check, patterns))
+
+
+def _build_json_schema(spec: JudgeSpec, deps: Mapping[str, Any]) -> Judge:
+    import jsonschema
+
+    p = Params(spec, ["schema"], dict(_RANGE))
+    schema = p.values["schema"]
+    if not isinstance(schema, dict):
+        raise p.error("schema", f"must be a JSON schema mapping, got {schema!r}")
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise p.error("schema", f"is not a valid JSON schema: {e.message}") from None
+    return RuleJudge(spec.name, *p.score_range(), partial(json_schema_check, cls(schema)))
+
+
+def _build_exact_match(spec: JudgeSpec, deps: Mapping[str, Any]) -> Judge:
+    p = Params(spec, [], {"field": "answer", "normalize": True, **_RANGE})
+    return RuleJudge(spec.name, *p.score_range(),
+                     partial(exact_match_check, spec.name, p.text("field"), p.flag("normalize")))
+
+
+RULE_BUILDERS: dict[str, Builder] = {
+    "regex": _build_regex, "length": _build_length, "keywords": _build_keywords, "forbidden": _build_forbidden,
+    "json_schema": _build_json_schema, "exact_match": _build_exact_match,
+}
+
+
+def _model_builders() -> dict[str, Builder]:
+    # imported here: the rule judges stay importable without ray or an HTTP stack
+    from actors.llm_judge import build_http_judge, build_llm_judge
+
+    return {"llm": build_llm_judge, "http": build_http_judge}
+
+
+def build_judge(spec: JudgeSpec, **deps: Any) -> Judge:
+    """Build the judge a spec names. `deps` carry what some kinds need: `engine_handles` (name ->
+    JudgeEngine actor, for 'llm'), `default_timeout_s`, and `extra_builders` (kind -> builder) for
+    kinds defined outside this package, which may not shadow a built-in kind."""
+    builders = {**RULE_BUILDERS, **_model_builders()}
+    extra: Mapping[str, Builder] = deps.get("extra_builders") or {}
+    clash = sorted(set(extra) & set(builders))
+    if clash:
+        raise ValueError(f"judge '{spec.name}': extra_builders may not replace built-in kinds {clash}")
+    builders.update(extra)
+    if spec.kind not in builders:
+        raise ValueError(f"judge '{spec.name}': unknown kind {spec.kind!r}; valid kinds: {', '.join(builders)}")
+    return builders[spec.kind](spec, deps)
+
+
+def masked(status: str, reason: str, latency_s: float) -> JudgeResult:
+    """A masked entry (NaN value); the reason is cut short, as it becomes a metrics label and a log line."""
+    short = reason if len(reason) <= _REASON_CHARS else reason[:_REASON_CHARS] + "..."
+    return JudgeResult(value=math.nan, status=status, latency_s=latency_s, reason=short)  # type: ignore[arg-type]
+
+
+def check_value(judge: Judge, value: Any, latency_s: float) -> JudgeResult:
+    """An ok result, or 'invalid' naming the judge and the value when it is not a score in range."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return masked("invalid", f"judge '{judge.name}' returned {type(value).__name__} {value!r}, not a number",
+                      latency_s)
+    v = float(value)
+    if not math.isfinite(v):
+        return masked("invalid", f"judge '{judge.name}' returned non-finite {v!r}", latency_s)
+    if not judge.low <= v <= judge.high:
+        return masked("invalid", f"judge '{judge.name}' returned {v!r}, outside its range "
+                                 f"[{judge.low}, {judge.high}]", latency_s)
+    return JudgeResult(value=v, status="ok", latency_s=latency_s)
+
+
+def evaluate(judge: Judge, prompt: Prompt, text: str) -> JudgeResult:
+    """Call `judge.score` with no deadline; never raises."""
+    t0 = time.perf_counter()
+    try:
+        value = judge.score(prompt, text)
+    except Exception as e:  # any failure of one judge masks only its entry
+        return masked("error", f"judge '{judge.name}' raised {type(e).__name__}: {e}", time.perf_counter() - t0)
+    return check_value(judge, value, time.perf_counter() - t0)
+
+
+def timed_out(judge: Judge, timeout_s: float, latency_s: float) -> JudgeResult:
+    return masked("timeout", f"judge '{judge.name}' still running at its deadline {timeout_s:g}s", latency_s)
+
+
+def run_judge(judge: Judge, prompt: Prompt, text: str, timeout_s: float) -> JudgeResult:
+    """Score with a deadline; never raises. A judge past its deadline is abandoned on a daemon thread
+    (Python cannot interrupt a thread), so its entry is 'timeout' and the caller moves on."""
+    fut: Future[JudgeResult] = Future()
+
+    def body() -> None:
+        fut.set_result(evaluate(judge, prompt, text))
+
+    t0 = time.perf_counter()
+    threading.Thread(target=body, name=f"judge-{judge.name}", daemon=True).start()
+    try:
+        return fut.result(timeout=timeout_s)
+    except FutureTimeout:
+        return timed_out(judge, timeout_s, time.perf_counter() - t0)

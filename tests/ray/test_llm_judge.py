@@ -1,0 +1,68 @@
+"""A real vLLM JudgeEngine on the tiny local model. Its grades are noise (random weights), but every
+step is the real path: chat prompt, next-token log-probs or constrained greedy decoding, Ray calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import ray
+
+from actors.judge_pool import JudgePool, JudgeWorker, create_judge_engines
+from actors.llm_judge import judge_question
+from rvpo_async.config import Config, JudgesConfig, JudgeSpec, ModelConfig
+from rvpo_async.types import Prompt, RolloutGroup, Sample
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMPT = Prompt("p0", "<|im_start|>user\nWrite a kind note.<|im_end|>\n<|im_start|>assistant\n", (1,), {})
+SPECS = [
+    JudgeSpec(name="polite", kind="llm", params={"rubric": "Is the response polite?", "mode": "yesno"}),
+    JudgeSpec(name="helpful", kind="llm", params={"rubric": "How helpful is the response?", "mode": "grade"}),
+    JudgeSpec(name="fmt", kind="regex", params={"pattern": r"\w"}),
+]
+
+
+def in_unit_interval(xs: list[float]) -> bool:
+    return all(math.isfinite(x) and 0.0 <= x <= 1.0 for x in xs)
+
+
+def test_judge_engine_grades_in_both_modes_directly_and_through_a_judge_worker(ray_local, tiny_model_dir) -> None:
+    cfg = dataclasses.replace(Config(), model=ModelConfig(path=tiny_model_dir, max_model_len=256),
+                              judges=JudgesConfig(specs=SPECS, num_workers=1, concurrency=2, timeout_s=60.0))
+    engines = create_judge_engines(cfg, tiny_model_dir)
+    assert list(engines) == ["default"]
+    engine = engines["default"]
+    questions = [judge_question("Is the response polite?", PROMPT.text, text, "yesno")
+                 for text in ("the cat likes green tea.", "No.", "please be safe and kind. " * 60)]
+    try:
+        yes = ray.get(engine.grade.remote(questions, "yesno"), timeout=120)
+        grades = ray.get(engine.grade.remote(questions, "grade"), timeout=120)
+        assert len(yes) == 3 and in_unit_interval(yes)
+        assert len(grades) == 3 and in_unit_interval(grades)
+        assert all(round(g * 10) == g * 10 for g in grades)  # a grade is an integer 0-10 over 10
+        # concurrent callers are batched by the engine thread and each gets its own answers back
+        refs = [engine.grade.remote(questions[:i], mode) for i in (1, 2, 3) for mode in ("yesno", "grade")]
+        assert [len(r) for r in ray.get(refs, timeout=120)] == [1, 1, 2, 2, 3, 3]
+
+        worker = JudgeWorker.options(max_concurrency=2).remote(SPECS, engines, 2, 60.0)
+        results = ray.get(worker.score_sample.remote(PROMPT, "a kind note for you."), timeout=120)
+        assert [r.status for r in results] == ["ok", "ok", "ok"], [r.reason for r in results]
+        assert in_unit_interval([r.value for r in results])
+        ray.kill(worker)
+
+        pool = JudgePool(cfg, engines)
+        pool.submit(RolloutGroup(7, PROMPT, (Sample((1,), (0.0,), "stop", "ok done."),
+                                             Sample((2,), (0.0,), "stop", "the sun keeps a quiet room.")),
+                                 policy_version=0, engine="test", created_at=0.0))
+        entries = []
+        while len(entries) < 6:
+            got = pool.poll(timeout_s=60.0)
+            assert got, f"judge pool gave nothing within 60 s: {pool.stats()}"
+            entries += got
+        pool.shutdown()
+        assert sorted((g, s, j) for g, s, j, _ in entries) == [(7, s, j) for s in (0, 1) for j in range(3)]
+        assert all(r.status == "ok" and 0.0 <= r.value <= 1.0 for *_, r in entries)
+    finally:
+        ray.kill(engine)
