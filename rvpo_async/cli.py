@@ -31,7 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.resume:
-        overrides.append("run.resume=true")
+        overrides += ["run.resume=true", "run.overwrite=false"]
     cfg = load_config(args.config, overrides)
     try:
         report = train(cfg)

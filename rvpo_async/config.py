@@ -34,12 +34,15 @@ class RunConfig:
     steps: int = 20
     output_dir: str = "runs/tiny"
     seed: int = 0
-    resume: bool = False
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # a fresh run may replace a previous run's files in output_dir
     progress: bool = True
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.steps < 1:
             yield "steps", f"must be >= 1, got {self.steps}"
+        if self.resume and self.overwrite:
+            yield "overwrite", "cannot be combined with run.resume (resume keeps the previous run's files)"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ so it trains on the same data as sync mode (tests/e2e/test_train.py checks it).
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -162,11 +163,28 @@ def run_sync(p: Pipeline, stepper: Stepper, state: RunState, stop: threading.Eve
         stepper.finish_step(result, bar)
 
 
+def prepare_run_dir(cfg: Config) -> Path:
+    """A fresh run refuses to mix with a previous run's files unless run.overwrite says so."""
+    run_dir = Path(cfg.run.output_dir)
+    leftovers = [n for n in ("checkpoints", "buffer", "metrics.jsonl") if (run_dir / n).exists()]
+    if leftovers and not cfg.run.resume:
+        if not cfg.run.overwrite:
+            raise FileExistsError(f"run.output_dir {run_dir} already holds a run ({', '.join(leftovers)}); "
+                                  f"continue it with --resume, or set run.overwrite=true to replace it")
+        for n in leftovers + ["final_model"]:
+            target = run_dir / n
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run the configured training end to end; returns report.json's content."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_dir = Path(cfg.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(cfg)
     dump_config(cfg, run_dir / "config.yaml")
     started_ray = init_ray(cfg)
     stop = threading.Event()

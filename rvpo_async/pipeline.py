@@ -27,7 +27,7 @@ def init_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     env = {"env_vars": dict(RAY_ENV)}
-    if cfg.ray.address:
+    if cfg.ray.address:  # "auto" joins the cluster this process runs in (a RayJob's driver)
         ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or max(8, os.cpu_count() or 2), include_dashboard=False,
@@ -59,6 +59,7 @@ class Pipeline:
     sync: Any
     loss_fn: Any
     metrics: Any = None
+    metrics_server: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def shutdown(self) -> None:
@@ -72,16 +73,16 @@ class Pipeline:
                 ray.kill(h)
             except Exception:
                 pass
-        if self.metrics is not None:
-            self.metrics.stop_http_server()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
 
 
 def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     from transformers import AutoTokenizer
 
     from actors.buffer import create_buffer_actor
-    from actors.judge_pool import JudgePool
-    from actors.llm_judge import create_judge_engines
+    from actors.judge_pool import JudgePool, create_judge_engines
     from actors.rollout import RolloutActor
     from learner.actor import LearnerGroup
     from learner.loss import make_loss_fn
@@ -100,13 +101,13 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     if not names:
         raise ValueError("config key 'judges.specs': at least one judge is needed")
 
-    metrics = None
+    metrics = server = None
     if cfg.metrics.enabled:
-        metrics = Metrics(names, names)
-        metrics.start_http_server(cfg.metrics.host, cfg.metrics.port)
+        metrics = Metrics.from_config(cfg)
+        server = metrics.start_http_server(cfg.metrics.host, cfg.metrics.port)
 
     persist = cfg.buffer.persist_dir or str(run_dir / "buffer")
-    buffer = create_buffer_actor(cfg, names, persist)
+    buffer = create_buffer_actor(cfg, names, persist, restore=cfg.run.resume)
     engines, engine_names = [], []
     for i in range(cfg.rollout.num_engines):
         name = f"rollout-{i}"
@@ -124,4 +125,4 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     return Pipeline(cfg=cfg, model_path=model_path, prompts=prompts, pad_id=int(pad_id), engines=engines,
                     engine_names=engine_names, buffer=buffer, judges=judges, judge_engines=judge_engines,
                     learner=learner, sync=make_weight_sync(cfg), loss_fn=make_loss_fn(cfg.algo, cfg.rollout.temperature),
-                    metrics=metrics)
+                    metrics=metrics, metrics_server=server)
