@@ -1,12 +1,12 @@
 """The judge pool: every sample scored by K judges on Ray workers that scale apart from rollout.
 
-A `JudgeWorker` scores one sample per call, its K judges concurrently, each with its own deadline. The
-driver-side `JudgePool` queues one item per sample for the least-loaded live worker (at most
-`judges.concurrency` in flight each) and promises exactly K entries per submitted sample: a failed
-call (dead actor or anything else) or one past the pool deadline (slowest judge timeout + margin) is
-retried on another worker up to `judges.max_retries` times, then masked 'error' / 'timeout' with the
-reason. A worker that dies after starting is replaced; one that never starts is not (that would hide
-the fault), and with no worker left queued samples are masked. `resize` drains what it removes.
+A `JudgeWorker` (actors/judge_worker.py) scores one sample per call, its K judges concurrently, each
+with its own deadline. The driver-side `JudgePool` queues one item per sample for the least-loaded live
+worker (at most `judges.concurrency` in flight each) and promises exactly K entries per submitted sample:
+a failed call (dead actor or anything else) or one past the pool deadline (slowest judge timeout +
+margin) is retried on another worker up to `judges.max_retries` times, then masked 'error' / 'timeout'
+with the reason. A worker that dies after starting is replaced; one that never starts is not (that would
+hide the fault), and with no worker left queued samples are masked. `resize` drains what it removes.
 """
 
 from __future__ import annotations
@@ -14,54 +14,20 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from actors.judges import Builder, build_judge, evaluate, masked, timed_out
-from actors.llm_judge import JudgeEngine
-from rvpo_async.config import Config, JudgeSpec
+from actors.judge_worker import JudgeWorker, SampleScorer, create_judge_engines  # noqa: F401 (re-exported)
+from actors.judges import Builder, build_judge, masked
+from rvpo_async.config import Config
 from rvpo_async.placement import actor_options
 from rvpo_async.types import JudgeResult, Prompt, RolloutGroup
 
 Entry = tuple[int, int, int, JudgeResult]  # (group_id, sample_idx, judge_idx, result)
 _MAX_REASONS = 50  # distinct failure reasons kept per status; the rest count under "other"
 _LATENCIES_KEPT = 10_000
-
-
-class SampleScorer:
-    """All K judges of a run, scoring one sample per call (the plain class inside `JudgeWorker`)."""
-
-    def __init__(self, specs: list[JudgeSpec], engine_handles: dict[str, Any] | None = None,
-                 concurrency: int = 8, default_timeout_s: float = 10.0,
-                 extra_builders: dict[str, Builder] | None = None):
-        deps = dict(engine_handles=engine_handles or {}, default_timeout_s=default_timeout_s,
-                    extra_builders=extra_builders or {})
-        self.judges = [build_judge(s, **deps) for s in specs]
-        self.timeouts = [float(s.timeout_s or default_timeout_s) for s in specs]
-        # K threads per concurrent call, so one slow judge never queues behind another
-        self._threads = ThreadPoolExecutor(max_workers=max(1, concurrency * len(specs)), thread_name_prefix="judge")
-
-    def ready(self) -> int:
-        return len(self.judges)
-
-    def score_sample(self, prompt: Prompt, text: str) -> list[JudgeResult]:
-        t0 = time.perf_counter()
-        futures = [self._threads.submit(evaluate, j, prompt, text) for j in self.judges]
-        results = []
-        for judge, fut, limit in zip(self.judges, futures, self.timeouts):
-            try:
-                results.append(fut.result(timeout=max(0.0, t0 + limit - time.perf_counter())))
-            except FutureTimeout:
-                fut.cancel()
-                results.append(timed_out(judge, limit, time.perf_counter() - t0))
-        return results
-
-
-JudgeWorker = ray.remote(SampleScorer)
 
 
 def autoscale_target(queue_depth: int, in_flight: int, num_workers: int, min_workers: int, max_workers: int,
@@ -355,20 +321,6 @@ class JudgePool:
         deadlines = [c.deadline for c in self._calls.values()]
         deadlines += [self._workers[wid].started + self._start_timeout_s for wid in self._starting.values()]
         return min(deadlines, default=float("inf"))
-
-
-def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> dict[str, Any]:
-    """One JudgeEngine per distinct `engine` param among the 'llm' judge specs, all on `model_path`.
-    Waits until each has loaded its model (`wait`), so no judge's first deadline is spent on startup."""
-    names = sorted({s.params.get("engine", "default") for s in cfg.judges.specs if s.kind == "llm"})
-    opts = actor_options("judge_engine", cfg, max_concurrency=64)
-    engines = {name: JudgeEngine.options(**opts).remote(model_path, max_model_len=cfg.model.max_model_len,
-                                                        seed=cfg.run.seed,
-                                                        kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
-               for name in names}
-    if wait:
-        ray.get([e.ready.remote() for e in engines.values()])
-    return engines
 
 
 def _summary(xs: list[float]) -> dict[str, float]:

@@ -1,0 +1,68 @@
+"""The judge worker: the Ray actor that scores one sample with all K judges, and the engines its LLM judges call.
+
+A `JudgeWorker` scores one sample per call, its K judges concurrently, each with its own deadline: a judge
+still running at its deadline gives a 'timeout' entry and the call returns without it. `JudgePool`
+(actors/judge_pool.py) queues samples onto these workers; `create_judge_engines` starts the `JudgeEngine`
+actors that the 'llm' judges of every worker share.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import ray
+
+from actors.judges import Builder, build_judge, evaluate, timed_out
+from actors.llm_judge import JudgeEngine
+from rvpo_async.config import Config, JudgeSpec
+from rvpo_async.placement import actor_options
+from rvpo_async.types import JudgeResult, Prompt
+
+
+class SampleScorer:
+    """All K judges of a run, scoring one sample per call (the plain class inside `JudgeWorker`)."""
+
+    def __init__(self, specs: list[JudgeSpec], engine_handles: dict[str, Any] | None = None,
+                 concurrency: int = 8, default_timeout_s: float = 10.0,
+                 extra_builders: dict[str, Builder] | None = None):
+        deps = dict(engine_handles=engine_handles or {}, default_timeout_s=default_timeout_s,
+                    extra_builders=extra_builders or {})
+        self.judges = [build_judge(s, **deps) for s in specs]
+        self.timeouts = [float(s.timeout_s or default_timeout_s) for s in specs]
+        # K threads per concurrent call, so one slow judge never queues behind another
+        self._threads = ThreadPoolExecutor(max_workers=max(1, concurrency * len(specs)), thread_name_prefix="judge")
+
+    def ready(self) -> int:
+        return len(self.judges)
+
+    def score_sample(self, prompt: Prompt, text: str) -> list[JudgeResult]:
+        t0 = time.perf_counter()
+        futures = [self._threads.submit(evaluate, j, prompt, text) for j in self.judges]
+        results = []
+        for judge, fut, limit in zip(self.judges, futures, self.timeouts):
+            try:
+                results.append(fut.result(timeout=max(0.0, t0 + limit - time.perf_counter())))
+            except FutureTimeout:
+                fut.cancel()
+                results.append(timed_out(judge, limit, time.perf_counter() - t0))
+        return results
+
+
+JudgeWorker = ray.remote(SampleScorer)
+
+
+def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> dict[str, Any]:
+    """One JudgeEngine per distinct `engine` param among the 'llm' judge specs, all on `model_path`.
+    Waits until each has loaded its model (`wait`), so no judge's first deadline is spent on startup."""
+    names = sorted({s.params.get("engine", "default") for s in cfg.judges.specs if s.kind == "llm"})
+    opts = actor_options("judge_engine", cfg, max_concurrency=64)
+    engines = {name: JudgeEngine.options(**opts).remote(model_path, max_model_len=cfg.model.max_model_len,
+                                                        seed=cfg.run.seed,
+                                                        kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
+               for name in names}
+    if wait:
+        ray.get([e.ready.remote() for e in engines.values()])
+    return engines
