@@ -192,7 +192,8 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     """Per-step statistics of ALGORITHM.md section 4 ([B, G, K] in).
 
     mean/std per reward (over valid entries), inter-reward variance var_k(Z) averaged over responses,
-    and the bottleneck share: fraction of responses whose lowest Z is reward k.
+    and the bottleneck share: fraction of responses whose lowest Z is reward k (a tie splits the
+    response equally among the tied rewards, so a group where every reward is constant favours none).
     """
     valid = _valid(rewards, mask)
     vf = valid.to(rewards.dtype)
@@ -209,8 +210,10 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     zm = (z * vf).sum(-1) / nk.clamp_min(1)
     var_k = (((z - zm.unsqueeze(-1)) ** 2) * vf).sum(-1) / nk.clamp_min(1)
     inter = var_k[has].mean() if bool(has.any()) else torch.zeros((), dtype=rewards.dtype)
-    lowest = torch.where(valid, z, torch.full_like(z, math.inf)).argmin(-1)[has]
-    share = torch.bincount(lowest, minlength=k).to(rewards.dtype) / max(lowest.numel(), 1)
+    zv = torch.where(valid, z, torch.full_like(z, math.inf))
+    is_min = (zv == zv.min(-1, keepdim=True).values) & valid  # [B, G, K]
+    frac = is_min.to(rewards.dtype) / is_min.sum(-1, keepdim=True).clamp_min(1)
+    share = frac[has].sum(0) / max(int(has.sum()), 1)
     return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share}
 
 

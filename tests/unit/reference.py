@@ -140,7 +140,7 @@ def weighted_moments(z: np.ndarray, weights=None) -> tuple[np.ndarray, np.ndarra
 def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray | None = None) -> dict:
     """Per reward: mean and (population) std of the raw valid rewards over the batch; inter-reward
     variance of Z over each response's valid rewards, averaged over responses with one or more; the
-    share of those responses whose lowest valid Z is reward k (first index on ties)."""
+    share of those responses whose lowest valid Z is reward k (ties split equally)."""
     r = np.asarray(rewards, dtype=np.float64)
     valid = _as_mask(r, mask)
     k = r.shape[-1]
@@ -156,10 +156,13 @@ def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray |
         if not idx:
             continue
         variances.append(np.var(zn[idx]))
-        lowest.append(idx[int(np.argmin(zn[idx]))])
+        zmin = min(zn[j] for j in idx)
+        tied = [j for j in idx if zn[j] == zmin]
+        lowest.append(tied)
     share = np.zeros(k)
-    for j in lowest:
-        share[j] += 1
+    for tied in lowest:
+        for j in tied:
+            share[j] += 1.0 / len(tied)
     share /= max(len(lowest), 1)
     inter = float(np.mean(variances)) if variances else 0.0
     return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share}

@@ -545,3 +545,9 @@ def test_policy_loss_rejects_bad_options():
         algo.policy_loss(x, x, x, torch.zeros(2), torch.ones(2, 3), is_mode="clip")
     with pytest.raises(ValueError, match="staleness_decay"):
         algo.policy_loss(x, x, x, torch.zeros(2), torch.ones(2, 3), staleness_decay=0.0)
+
+
+def test_bottleneck_share_splits_ties_equally_so_constant_groups_favour_no_reward():
+    rewards = torch.ones(3, 4, 5, dtype=torch.float64)  # every reward constant in every group
+    share = algo.reward_diagnostics(rewards)["bottleneck_share"]
+    assert torch.allclose(share, torch.full((5,), 0.2, dtype=torch.float64))
