@@ -41,6 +41,11 @@ def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
                                   enforce_eager=True, trust_remote_code=False)
     if on_cpu():
         kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=kv_cache_memory_bytes)
+        # The CPU sampler cannot rewind a seeded torch.Generator (set_offset) when a chunked prefill
+        # discards a sampled token, which crashes seeded sampling. A per-step token budget that holds
+        # every sequence's whole prompt means no prompt is ever chunked.
+        kwargs.setdefault("max_num_seqs", 256)
+        kwargs.setdefault("max_num_batched_tokens", kwargs["max_num_seqs"] * max_model_len)
     if worker_extension_cls:
         kwargs["worker_extension_cls"] = worker_extension_cls
     kwargs.update(extra)
