@@ -1,0 +1,159 @@
+"""In-place weight updates for a running vLLM engine: the receiving end of learner.weight_sync.
+
+vLLM runs model code in a worker that the rollout actor reaches only through `llm.collective_rpc`.
+`WeightReceiverExtension` is mixed into that worker (vLLM's `worker_extension_cls`) and adds three
+methods: load a safetensors blob, join the side gloo group of the collective transport, and receive one
+broadcast. All of them load through the worker's `reload_weights` with an in-memory iterator of
+(name, tensor): plain `model.load_weights` is wrong on CPU, where vLLM repacks weights into kernel
+layouts after loading, and `reload_weights` redoes that processing.
+
+Arguments cross `collective_rpc` untyped: a multi-process engine's serialiser would turn tensors into
+nested lists, so only buffers (the blob), ints, strings and plain lists/dicts of them are sent.
+
+The module functions `load_blob`, `init_group` and `receive_broadcast` are what `actors.rollout` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from datetime import timedelta
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+GROUP_TIMEOUT = timedelta(minutes=5)
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def read_safetensors(blob: Any) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) views into a safetensors blob (bytes or a uint8 array), without copying the data.
+
+    The views may be read-only (a blob straight from Ray's object store): they are only read, once, by
+    the weight loader, which copies them into the model.
+    """
+    buf = memoryview(blob).cast("B")
+    n = int.from_bytes(buf[:8], "little")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"weights blob of {len(buf)} bytes is not safetensors: bad header ({e})") from e
+    header.pop("__metadata__", None)
+    data = torch.empty(0, dtype=torch.uint8)
+    if len(buf) > 8 + n:
+        with warnings.catch_warnings():  # torch warns that a read-only buffer gives a non-writable tensor
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(buf, dtype=torch.uint8, offset=8 + n)
+    out = []
+    for name, info in header.items():
+        a, b = info["data_offsets"]
+        dtype = _FROM_SAFETENSORS.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"weights blob: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        out.append((name, data[a:b].view(dtype).view(info["shape"])))
+    return out
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """'float32' -> torch.float32; a name torch lacks is refused, naming it."""
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r} in a weight-sync bucket")
+    return dt
+
+
+def unflatten(flat: torch.Tensor, metas: Sequence[Sequence[Any]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views of `flat` as the named tensors its meta list describes (no copies)."""
+    for name, _dtype, shape, offset, numel in metas:
+        yield str(name), flat[int(offset):int(offset) + int(numel)].view([int(s) for s in shape])
+
+
+def new_gloo_group(addr: str, port: int, world_size: int, rank: int) -> Any:
+    """A gloo process group of its own, outside torch.distributed's default world.
+
+    Learner rank 0 is rank 0 here (it hosts the TCPStore); engines take ranks 1..N. Being separate from
+    the default group is what lets DeepSpeed's world and this one coexist in the learner process.
+    """
+    from torch.distributed import ProcessGroupGloo, TCPStore
+
+    store = TCPStore(addr, int(port), int(world_size), is_master=(int(rank) == 0), timeout=GROUP_TIMEOUT,
+                     wait_for_workers=False)
+    opts = ProcessGroupGloo._Options()
+    opts._timeout = GROUP_TIMEOUT
+    # on one machine bind to loopback; across machines each member picks its own interface
+    local = addr == "localhost" or addr.startswith("127.")
+    opts._devices = [ProcessGroupGloo.create_device(hostname=addr) if local
+                     else ProcessGroupGloo.create_default_device()]
+    return ProcessGroupGloo(store, int(rank), int(world_size), opts)
+
+
+def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules whose parameter is another module's (a tied lm_head): the checkpoint has no entry of their
+    own, so a reload skips them, yet on CPU they hold kernels packed from the old weight."""
+    owner: dict[int, str] = {}
+    tied: dict[str, torch.nn.Module] = {}
+    for mod_name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            if id(p) in owner and owner[id(p)] != mod_name:
+                tied[mod_name] = mod
+            owner.setdefault(id(p), mod_name)
+    return list(tied.values())
+
+
+class WeightReceiverExtension:
+    """Methods mixed into vLLM's worker; `self` is the worker (it has `reload_weights`)."""
+
+    def _rvpo_reload(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.reload_weights(weights_iterator=iter(named))  # type: ignore[attr-defined]
+        # a tied layer keeps the kernel packed from its old weight: rebuild it from the new shared one
+        for mod in tied_modules(self.model_runner.get_model()):  # type: ignore[attr-defined]
+            method = getattr(mod, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(mod)
+
+    def rvpo_load_blob(self, blob: Any) -> int:
+        named = read_safetensors(blob)
+        self._rvpo_reload(named)
+        return len(named)
+
+    def rvpo_init_group(self, addr: str, port: int, world_size: int, rank: int) -> None:
+        self._rvpo_group = new_gloo_group(addr, port, world_size, rank)
+
+    def rvpo_receive_broadcast(self, meta: list[dict[str, Any]]) -> int:
+        """Receive every bucket broadcast by rank 0 of the side group, then load them all at once."""
+        group = getattr(self, "_rvpo_group", None)
+        if group is None:
+            raise RuntimeError("receive_broadcast called before init_group: this engine is not in the weight group")
+        named: list[tuple[str, torch.Tensor]] = []
+        for bucket in meta:
+            flat = torch.empty(int(bucket["numel"]), dtype=dtype_from_name(str(bucket["dtype"])))
+            group.broadcast(flat, 0).wait()
+            named.extend(unflatten(flat, bucket["tensors"]))
+        self._rvpo_reload(named)
+        return len(named)
+
+
+def load_blob(llm: Any, blob: Any) -> int:
+    """Load a safetensors blob (bytes or a uint8 array) of the model's weights into `llm`; returns the
+    number of tensors loaded. An in-process engine gets the buffer itself; a multi-process one gets bytes,
+    the one buffer type its RPC serialiser carries intact."""
+    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+    payload = blob if in_process or isinstance(blob, bytes) else bytes(memoryview(blob).cast("B"))
+    return int(llm.collective_rpc("rvpo_load_blob", args=(payload,))[0])
+
+
+def init_group(llm: Any, addr: str, port: int, world_size: int, rank: int) -> None:
+    """Join the side gloo group (rank >= 1) that learner rank 0 broadcasts weights over."""
+    llm.collective_rpc("rvpo_init_group", args=(str(addr), int(port), int(world_size), int(rank)))
+
+
+def receive_broadcast(llm: Any, meta: list[dict[str, Any]]) -> int:
+    """Take part in one broadcast of flat buckets described by `meta`; returns tensors loaded."""
+    return int(llm.collective_rpc("rvpo_receive_broadcast", args=(meta,))[0])

@@ -1,0 +1,204 @@
+"""The learner's Ray side: one `LearnerActor` per DeepSpeed rank, and the driver's `LearnerGroup`.
+
+Each actor hosts one `DeepSpeedLearner`. Every collective (a train step, a ZeRO-3 gather for export, a
+checkpoint) is called on all ranks at once by `LearnerGroup`; a rank called alone would wait forever.
+
+The actors are built in two phases: created first (cheap), asked for their node's address, then set up
+with the rendezvous address, so that one machine uses loopback and a multi-node group uses rank 0's IP.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from learner.engine import DeepSpeedLearner, LossFn, combine_stats
+from rvpo_async.config import Config, LearnerConfig
+from rvpo_async.placement import actor_options
+
+RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@ray.remote
+class LearnerActor:
+    """One learner rank. Thread counts are pinned to 1: oversubscribed ranks run ~10x slower on CPU."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        os.environ.update(RANK_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        torch.set_num_threads(1)
+        self.rank = rank
+        self.learner: DeepSpeedLearner | None = None
+        self.model_path = ""
+        self._weight_group: Any = None
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig,
+              total_steps: int, seed: int) -> int:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        self.model_path = model_path
+        self.learner = DeepSpeedLearner(model_path, cfg, total_steps=total_steps, seed=seed)
+        return self.learner.version
+
+    def _l(self) -> DeepSpeedLearner:
+        if self.learner is None:
+            raise RuntimeError(f"learner rank {self.rank} used before setup()")
+        return self.learner
+
+    def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
+        return self._l().train_step(batch, loss_fn)
+
+    def export_blob(self) -> np.ndarray | None:
+        """Rank 0: the full weights as one safetensors blob (returned once into Ray's object store, where a
+        numpy array is stored without pickling and read without a copy)."""
+        from learner.weight_sync import safetensors_array
+
+        with self._l().full_params() as params:
+            return safetensors_array(params) if self.rank == 0 else None
+
+    def state_digest(self) -> str:
+        """sha256 of this rank's full weights, gathered where partitioned; all ranks call together."""
+        import hashlib
+
+        state = self._l().export_state(all_ranks=True)
+        assert state is not None
+        h = hashlib.sha256()
+        for name in sorted(state):
+            h.update(name.encode())
+            h.update(state[name].float().numpy().tobytes())
+        return h.hexdigest()
+
+    def load_weights(self, blob: Any) -> None:
+        """Overwrite the weights from a safetensors blob of the full state (all ranks together)."""
+        from actors.weight_receiver import read_safetensors
+
+        self._l().load_state(dict(read_safetensors(blob)), "the weights blob handed to load_weights")
+
+    # ------------------------------------------------------------------ collective weight sync
+    def weight_meta(self, bucket_bytes: int) -> list[dict[str, Any]]:
+        from learner.weight_sync import plan_buckets
+
+        return plan_buckets(self._l().param_specs(), bucket_bytes)
+
+    def init_weight_group(self, addr: str, port: int, world_size: int) -> None:
+        from actors.weight_receiver import new_gloo_group
+
+        self._weight_group = new_gloo_group(addr, port, world_size, 0)
+
+    def broadcast_weights(self, meta: list[dict[str, Any]]) -> None:
+        """Every rank enters (ZeRO-3 gathers); rank 0 broadcasts each flat bucket to the engines."""
+        from learner.weight_sync import flatten_bucket
+
+        with self._l().full_params() as params:
+            if self.rank != 0:
+                return
+            if self._weight_group is None:
+                raise RuntimeError("broadcast_weights before init_weight_group on learner rank 0")
+            for bucket in meta:
+                self._weight_group.broadcast(flatten_bucket(params, bucket), 0).wait()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str) -> None:
+        self._l().save_checkpoint(directory, self.model_path)
+
+    def load_checkpoint(self, directory: str) -> int:
+        self._l().load_checkpoint(directory)
+        return self._l().version
+
+
+def split_by_groups(batch: Mapping[str, torch.Tensor], parts: int, group_size: int) -> list[dict[str, torch.Tensor]]:
+    """Cut a batch of consecutive groups (rows [g*G, (g+1)*G) form group g) into `parts` shards of whole
+    groups, as even as the group count allows."""
+    n = int(batch["input_ids"].shape[0])
+    if n % group_size:
+        raise ValueError(f"batch of {n} rows is not whole groups of rollout.group_size={group_size}")
+    groups = n // group_size
+    if groups < parts:
+        raise ValueError(f"batch holds {groups} groups, fewer than learner.num_ranks={parts}: every rank needs one")
+    bounds = [round(i * groups / parts) * group_size for i in range(parts + 1)]
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class LearnerGroup:
+    """The driver's handle on all learner ranks: every call fans out to all of them together."""
+
+    def __init__(self, cfg: Config, model_path: str, *, master_addr: str | None = None) -> None:
+        n = cfg.learner.num_ranks
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        opts = actor_options("learner", cfg)
+        self.actors = [LearnerActor.options(**opts).remote(rank, n) for rank in range(n)]
+        if master_addr is None:
+            ips = ray.get([a.node_ip.remote() for a in self.actors])
+            master_addr = "127.0.0.1" if len(set(ips)) == 1 else ips[0]
+        self.master_addr = master_addr
+        versions = ray.get([a.setup.remote(master_addr, cfg.learner.master_port, self.model_path, cfg.learner,
+                                           cfg.run.steps, cfg.run.seed) for a in self.actors])
+        self._version = int(versions[0])
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def rank0(self) -> Any:
+        return self.actors[0]
+
+    def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over the whole batch, split across ranks by groups; stats merged over ranks."""
+        shards = split_by_groups(batch, len(self.actors), self.cfg.rollout.group_size)
+        per_rank = ray.get([a.train_step.remote(s, loss_fn) for a, s in zip(self.actors, shards)])
+        self._version += 1
+        shared = {k: per_rank[0][k] for k in ("grad_norm", "lr")}
+        totals = {k: sum(s[k] for s in per_rank) for k in ("tokens_trained", "sequences")}
+        stale = sum(s["staleness_mean"] * s["sequences"] for s in per_rank) / max(totals["sequences"], 1.0)
+        merged = combine_stats([(s, s["tokens_trained"]) for s in per_rank])
+        merged.update(shared, **totals, staleness_mean=stale,
+                      step_seconds=max(s["step_seconds"] for s in per_rank), version=float(self._version))
+        return merged
+
+    def export_blob(self) -> ray.ObjectRef:
+        """The full weights as one safetensors blob in the object store (put once by rank 0)."""
+        refs = [a.export_blob.remote() for a in self.actors]
+        ray.get(refs[1:])
+        return refs[0]
+
+    def state_digests(self) -> list[str]:
+        return ray.get([a.state_digest.remote() for a in self.actors])
+
+    def load_weights(self, blob: bytes | ray.ObjectRef) -> None:
+        """Replace the weights (not the optimizer state) with a full safetensors blob, e.g. a warm start."""
+        ref = blob if isinstance(blob, ray.ObjectRef) else ray.put(blob)
+        ray.get([a.load_weights.remote(ref) for a in self.actors])
+
+    def save_checkpoint(self, root: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write `<root>/step_<version>/` atomically and point `<root>/latest` at it; returns its path.
+        Every rank writes its own files there: across machines `root` must be on shared storage."""
+        from learner import checkpoint
+
+        tmp = checkpoint.begin(root, self._version)
+        ray.get([a.save_checkpoint.remote(str(tmp)) for a in self.actors])
+        checkpoint.write_json(tmp / "extra.json", dict(extra or {}))
+        return checkpoint.finalize(root, tmp, self._version, self.cfg.checkpoint.keep)
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Resume from a step directory or a run root's `latest`; returns the saved `extra` state."""
+        from learner import checkpoint
+
+        ckpt = checkpoint.load(path)
+        versions = ray.get([a.load_checkpoint.remote(str(ckpt.path)) for a in self.actors])
+        self._version = int(versions[0])
+        return ckpt.extra
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,290 @@
+"""One DeepSpeed rank of the learner: train steps with a loss function it is handed, full-weight export.
+
+The learner knows nothing of RVPO (AReaL-lite's split): `train_step(batch, loss_fn)` computes token
+log-probs, hands them with the batch to `loss_fn`, and steps. What it owns is the bookkeeping around that:
+- Proximal log-probs (pi_prox of decoupled PPO) are recomputed with no grad before any update, at the
+  temperature the loss function names, so they are the learner's policy at the start of the step.
+- Log-prob convention: position t holds log p(input_ids[t] | input_ids[<t]) from the logits at t-1 divided
+  by the temperature, 0 at position 0; the rollout engine's behaviour log-probs use the same one.
+- One optimizer step per batch. The batch is cut into micro-batches of `micro_batch_size`; each micro-batch
+  loss (a token mean) is scaled by its share of the whole batch's tokens across all ranks, so the step
+  follows the token mean of the whole batch, not a mean of micro-batch means. DeepSpeed's managed
+  accumulation is off: the learner owns the accumulation boundary, which is its `step()` call.
+- Every rank runs the same number of forward/backward passes (ZeRO-3 gathers parameters in each one,
+  ZeRO-2 reduces gradients in each backward): the count is agreed by an all-reduce and a rank short of data
+  runs a zero-weighted pass on its first sequence.
+- staleness = learner version - policy_version is added to the batch before the loss sees it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from typing import Any, Iterator, Mapping, Protocol
+
+import torch
+import torch.distributed as dist
+
+from rvpo_async.config import LearnerConfig
+
+REQUIRED_KEYS = ("input_ids", "response_mask", "behaviour_logprobs", "advantages", "policy_version")
+
+
+class LossFn(Protocol):
+    """What the learner is handed: the loss, and the sampling temperature its log-probs are taken at."""
+
+    temperature: float
+
+    def __call__(self, logprobs: torch.Tensor, proximal_logprobs: torch.Tensor,
+                 batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, L, V] logits, [N, L] ids -> [N, L] log p(id_t | ids_<t) at `temperature`; 0 at t = 0."""
+    scaled = logits[:, :-1].float() / temperature  # [N, L-1, V]
+    picked = scaled.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [N, L-1]
+    lp = picked - torch.logsumexp(scaled, dim=-1)
+    return torch.nn.functional.pad(lp, (1, 0))  # [N, L]
+
+
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate after `step` optimizer steps (linear warmup, then the schedule)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"learner.lr_schedule must be constant, linear or cosine, got {schedule!r}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: LearnerConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = partial(lr_factor, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def plain_optimizer(cfg: LearnerConfig) -> bool:
+    """Whether DeepSpeed runs the torch optimizer unwrapped (no ZeRO, no bf16 master weights)."""
+    return cfg.zero_stage == 0 and cfg.dtype == "fp32"
+
+
+def ds_config(cfg: LearnerConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for one learner rank. torch's AdamW: DeepSpeedCPUAdam needs a ~75 s JIT build."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "managed_gradient_accumulation": False,
+        # a bare torch optimizer (ZeRO-0, fp32) reports no gradient norm: the learner clips it itself
+        "gradient_clipping": 0.0 if plain_optimizer(cfg) else cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                                                  "torch_adam": True, "betas": [0.9, 0.999], "eps": 1e-8}},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def derive_attention_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Right-padded rows: every position up to the row's last response token is real."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].long()
+    ids = batch["input_ids"]
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)  # [1, L]
+    resp = batch["response_mask"] > 0
+    last = torch.where(resp, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)  # [N, 1]
+    return (pos <= last).long()
+
+
+def combine_stats(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Merge (stats, tokens) pairs: `*_max` keys by max, `*_min` by min, the rest token-weighted."""
+    total = sum(w for _, w in parts)
+    out: dict[str, float] = {}
+    for key in parts[0][0]:
+        vals = [(float(s[key]), w) for s, w in parts if key in s]
+        if key.endswith("_max"):
+            out[key] = max(v for v, _ in vals)
+        elif key.endswith("_min"):
+            out[key] = min(v for v, _ in vals)
+        elif total > 0:
+            out[key] = sum(v * w for v, w in vals) / total
+        else:
+            out[key] = sum(v for v, _ in vals) / len(vals)
+    return out
+
+
+class DeepSpeedLearner:
+    """One rank. torch.distributed must be reachable through MASTER_ADDR/PORT, RANK, WORLD_SIZE."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int = 0, seed: int = 0) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(seed)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        except OSError as e:
+            raise FileNotFoundError(f"learner cannot load the model at {model_path!r}: {e}") from e
+        model.config.use_cache = False
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config(cfg, self.world_size),
+            lr_scheduler=partial(make_scheduler, cfg=cfg, total_steps=total_steps))
+        self.version = 0
+        self._grad_norm: float | None = None
+        if plain_optimizer(cfg):
+            # runs inside engine.step(), after DeepSpeed's all-reduce: the norm of the averaged gradient
+            self.engine.optimizer.register_step_pre_hook(self._clip_hook)
+
+    def _clip_hook(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+
+    # ------------------------------------------------------------------ training
+    def _prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [k for k in REQUIRED_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"training batch lacks {missing}; required keys: {list(REQUIRED_KEYS)} "
+                           "(attention_mask optional)")
+        n, length = batch["input_ids"].shape
+        if n == 0:
+            raise ValueError(f"learner rank {self.rank} was given an empty batch; every rank needs >= 1 sequence")
+        for k in ("response_mask", "behaviour_logprobs"):
+            if tuple(batch[k].shape) != (n, length):
+                raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {(n, length)}")
+        if bool((batch["policy_version"] > self.version).any()):
+            raise ValueError(f"batch rows carry policy_version {int(batch['policy_version'].max())}, newer than "
+                             f"the learner's version {self.version}")
+        out = dict(batch, input_ids=batch["input_ids"].long(), attention_mask=derive_attention_mask(batch),
+                   response_mask=batch["response_mask"].float(), advantages=batch["advantages"].float(),
+                   behaviour_logprobs=batch["behaviour_logprobs"].float(),
+                   staleness=(self.version - batch["policy_version"]).long())
+        return {k: v.to(self.engine.device) for k, v in out.items()}
+
+    def _micro_slices(self, n: int) -> list[slice | None]:
+        """Slices of this rank's rows, as many on every rank; None marks a zero-weighted filler pass."""
+        count = torch.tensor([math.ceil(n / self.cfg.micro_batch_size)], device=self.engine.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        bounds = torch.linspace(0, n, int(count) + 1).round().long().tolist()
+        return [slice(a, b) if b > a else None for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _logprobs(self, mb: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        return token_logprobs(logits, mb["input_ids"], temperature)
+
+    def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on this rank's share of the batch; call on all ranks together."""
+        t0 = time.perf_counter()
+        b = self._prepare(batch)
+        n = b["input_ids"].shape[0]
+        tokens = b["response_mask"].sum()
+        global_tokens = tokens.clone()
+        dist.all_reduce(global_tokens)
+        slices = self._micro_slices(n)
+        micro = [{k: v[s if s is not None else slice(0, 1)] for k, v in b.items()} for s in slices]
+
+        self.engine.train()
+        with torch.no_grad():
+            proximal = [self._logprobs(mb, loss_fn.temperature) for mb in micro]
+        parts: list[tuple[dict[str, float], float]] = []
+        for s, mb, prox in zip(slices, micro, proximal):
+            loss, stats = loss_fn(self._logprobs(mb, loss_fn.temperature), prox, mb)
+            mb_tokens = float(mb["response_mask"].sum()) if s is not None else 0.0
+            share = mb_tokens / max(float(global_tokens), 1.0) * self.world_size  # gradients are rank-averaged
+            self.engine.backward(loss * share, scale_wrt_gas=False)
+            if s is not None:
+                parts.append((stats, mb_tokens))
+        self.engine.step()
+        self.version += 1
+
+        out = combine_stats(parts)
+        out.pop("tokens", None)
+        grad_norm = self._grad_norm if plain_optimizer(self.cfg) else self.engine.get_global_grad_norm()
+        stale = b["staleness"].float()
+        out.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   staleness_mean=float(stale.mean()), staleness_max=float(stale.max()),
+                   tokens_trained=float(tokens), sequences=float(n), lr=float(self.scheduler.get_last_lr()[0]),
+                   step_seconds=time.perf_counter() - t0)
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Trainable tensors by name, each once (a tied lm_head appears only as the embedding)."""
+        return list(self.engine.module.named_parameters())
+
+    def param_specs(self) -> list[tuple[str, torch.dtype, list[int]]]:
+        """(name, dtype, full shape) of every exported tensor, without gathering ZeRO-3 partitions."""
+        return [(n, p.dtype, list(getattr(p, "ds_shape", p.shape))) for n, p in self.named_params()]
+
+    @contextmanager
+    def full_params(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The full weights by name, gathered for the duration under ZeRO-3 (all ranks enter together).
+        The tensors are the live parameters: copy what must outlive the block."""
+        import deepspeed
+
+        named = self.named_params()
+        gather = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+                  if self.cfg.zero_stage == 3 else nullcontext())
+        with gather, torch.no_grad():
+            yield {n: p.detach() for n, p in named}
+
+    def export_state(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
+        """Full weights (copies). All ranks must call together; rank 0 (or every rank) gets them."""
+        with self.full_params() as params:
+            return {n: p.clone() for n, p in params.items()} if all_ranks or self.rank == 0 else None
+
+    def load_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Overwrite the weights with `state` (full tensors, same names); all ranks call together."""
+        import deepspeed
+
+        named = self.named_params()
+        missing = [n for n, _ in named if n not in state]
+        if missing:
+            raise KeyError(f"{source} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if self.cfg.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0):
+                if self.rank == 0:
+                    with torch.no_grad():
+                        for n, p in named:
+                            p.copy_(state[n])
+        else:
+            with torch.no_grad():
+                for n, p in named:
+                    p.copy_(state[n])
+        # ZeRO and bf16 keep fp32 master copies apart from the module's weights: the next step would
+        # otherwise start from the old master and undo the load
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer under DeepSpeed's wrapper; its params are this rank's fp32 master copies."""
+        opt = self.engine.optimizer
+        base = getattr(opt, "optimizer", opt)
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"unexpected optimizer {type(base).__name__} under DeepSpeed's {type(opt).__name__}")
+        return base
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str, model_path: str) -> None:
+        """Write this rank's part of a checkpoint into `directory` (all ranks call together)."""
+        from learner.checkpoint import save_rank
+
+        save_rank(self, directory, model_path)
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore weights, optimizer, scheduler, counters and RNG from a verified checkpoint directory."""
+        from learner.checkpoint import load_rank
+
+        load_rank(self, directory)

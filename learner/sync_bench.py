@@ -1,0 +1,117 @@
+"""`rvpo-async bench sync`: seconds per GB of weights, learner -> vLLM engine, for both transports.
+
+The path is the real one end to end: a DeepSpeed learner rank exports a random Qwen2 model of a few
+hundred MB (fp32) and a vLLM engine in its own Ray actor loads it in place. The baseline, measured in the
+same run, is one plain memory copy of the same number of bytes (a torch tensor copy, one thread): the
+ratio says how many memory copies' worth of time a sync costs. GB = 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def build_bench_model(out: Path, *, hidden: int, layers: int, vocab: int, seed: int = 0) -> int:
+    """A random Qwen2 (the tiny model's tokenizer, a wider and deeper body); returns its fp32 bytes."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rvpo_async.tiny_model import build_tokenizer
+
+    tok = build_tokenizer(seed)
+    heads = hidden // 64
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), head_dim=64,
+                      max_position_embeddings=512, tie_word_embeddings=True, torch_dtype="float32",
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                      pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def memcpy_seconds(nbytes: int, repeat: int) -> float:
+    """Best time of one torch tensor copy of `nbytes` (one thread, as the learner ranks run)."""
+    import torch
+
+    torch.set_num_threads(1)
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in before timing
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_sync(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="rvpo-async bench sync", description=__doc__)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--repeat", type=int, default=3, help="timed syncs per transport, after one warm-up")
+    p.add_argument("--port", type=int, default=21230, help="learner rendezvous port; the weight group uses the next ones")
+    a = p.parse_args(list(argv))
+
+    import ray
+
+    from actors.rollout import RolloutActor
+    from learner.actor import LearnerGroup
+    from learner.weight_sync import CollectiveSync, ObjectStoreSync
+    from rvpo_async.config import Config
+
+    work = Path(tempfile.mkdtemp(prefix="rvpo-sync-bench-"))
+    started_ray = False
+    learner: Any = None
+    engine: Any = None
+    try:
+        t0 = time.perf_counter()
+        nbytes = build_bench_model(work / "model", hidden=a.hidden, layers=a.layers, vocab=a.vocab)
+        gb = nbytes / 1e9
+        if not ray.is_initialized():
+            ray.init(num_cpus=4, include_dashboard=False, object_store_memory=max(1 << 30, 4 * nbytes),
+                     log_to_driver=False,  # the engines' load logs would bury the figures
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+            started_ray = True
+        cfg = Config().override("learner.num_ranks=1", "learner.zero_stage=0", f"learner.master_port={a.port}",
+                                "learner.num_cpus=1")
+        learner = LearnerGroup(cfg, str(work / "model"))
+        engine = RolloutActor.options(num_cpus=1).remote("bench", str(work / "model"), group_size=1,
+                                                         max_new_tokens=1, max_model_len=128)
+        ray.get(engine.ready.remote())
+        print(f"weight sync, learner (DeepSpeed, 1 rank) -> 1 vLLM engine: {nbytes / 1e6:.0f} MB of fp32 weights "
+              f"({a.layers} layers, hidden {a.hidden}); set-up {time.perf_counter() - t0:.0f} s")
+        transports = {"object store (1 safetensors blob)": ObjectStoreSync(),
+                      "collective (gloo, flat buckets)": CollectiveSync(port=a.port + 1, addr=learner.master_addr)}
+        copy_s = memcpy_seconds(nbytes, 5)
+        print(f"  {'memory copy (torch, 1 thread)':34s} {copy_s:8.3f} s  {copy_s / gb:7.2f} s/GB   1.0x")
+        version = 0
+        for name, sync in transports.items():
+            version += 1
+            sync.sync(learner, [engine], version)  # warm-up: first export, group set-up, first load
+            times = []
+            for _ in range(a.repeat):
+                version += 1
+                times.append(sync.sync(learner, [engine], version))
+            best, med = min(times), statistics.median(times)
+            print(f"  {name:34s} {best:8.3f} s  {best / gb:7.2f} s/GB  {best / copy_s:5.1f}x memory copy "
+                  f"(median {med / gb:.2f} s/GB over {a.repeat})")
+        return 0
+    finally:
+        if learner is not None:
+            learner.shutdown()
+        if engine is not None:
+            ray.kill(engine)
+        if started_ray:
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
