@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,10 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     persist = cfg.buffer.persist_dir or str(run_dir / "buffer")
     buffer = create_buffer_actor(cfg, names, persist, restore=cfg.run.resume)
     engines, engine_names = [], []
+    run_id = f"rvpo-{uuid.uuid4().hex[:8]}"  # Ray actor names: unique per run, readable in `ray list actors`
     for i in range(cfg.rollout.num_engines):
         name = f"rollout-{i}"
-        h = RolloutActor.options(name=None, **actor_options("rollout", cfg)).remote(
+        h = RolloutActor.options(name=f"{run_id}-{name}", **actor_options("rollout", cfg)).remote(
             name, model_path, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.run.seed + i,
             max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -83,7 +84,7 @@ class Stepper:
         self.ckpt_dir = run_dir / "checkpoints"
         self.pending_reward_refs: list[Any] = []
         self.timings: list[dict[str, float]] = []
-        self.nonfinite_rewards = 0
+        self.last_ckpt_version = -1
 
     # ------------------------------------------------------------ data path
     def on_generated(self, groups: list[Any]) -> None:
@@ -146,12 +147,15 @@ class Stepper:
         except ray.exceptions.RayError as e:
             raise RuntimeError(describe_actor_error("weight sync", e)) from None
         diag = reward_diagnostics(rewards.double(), eps=cfg.algo.eps, mask=mask)
+        digest = hashlib.sha256()
+        for col in ("group_id", "sample_idx", "response_tokens", "behaviour_logprobs", "rewards"):
+            digest.update(repr(table.column(col).to_pylist()).encode())
         versions = batch["policy_version"].reshape(rewards.shape[0], -1)[:, 0]
         return {"stats": stats, "diag": diag, "version": version, "sync_s": sync_s,
                 "train_s": t1 - t0, "staleness_values": [int(version - 1 - v) for v in versions.tolist()],
                 "group_ids": sorted(set(table.column("group_id").to_pylist())),
                 "samples": int(rewards.shape[0] * rewards.shape[1]),
-                "tokens": int(batch["response_mask"].sum())}
+                "tokens": int(batch["response_mask"].sum()), "batch_digest": digest.hexdigest()[:16]}
 
     def finish_step(self, r: dict[str, Any], bar: Any) -> None:
         st = self.state
@@ -169,7 +173,7 @@ class Stepper:
             "reward_std": {n: float(diag["std"][k]) for k, n in enumerate(names)},
             "bottleneck_share": {n: float(diag["bottleneck_share"][k]) for k, n in enumerate(names)},
             "inter_variance": float(diag["inter_variance"]),
-            "staleness_values": stal, "group_ids": r["group_ids"],
+            "staleness_values": stal, "group_ids": r["group_ids"], "batch_digest": r["batch_digest"],
             "generated_tokens_total": st.generated_tokens_this_run, "trained_samples_total": st.trained_samples_this_run,
             "train_s": r["train_s"], "sync_s": r["sync_s"],
             "learner": {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))},
@@ -201,7 +205,10 @@ class Stepper:
                 "next_group_id": st.next_group_id, "requeued": [[p.prompt_id, g, s] for p, g, s in st.requeued]}
 
     def checkpoint(self, final: bool = False) -> None:
+        if self.last_ckpt_version == self.state.version:
+            return  # this version is already saved
         self.p.learner.save_checkpoint(str(self.ckpt_dir), self._extra_state())
+        self.last_ckpt_version = self.state.version
 
     def resume(self) -> None:
         from learner.checkpoint import find_latest
@@ -211,6 +218,7 @@ class Stepper:
             raise FileNotFoundError(f"run.resume is set but no checkpoint was found under {self.ckpt_dir}")
         extra = self.p.learner.load_checkpoint(str(latest))
         st = self.state
+        self.last_ckpt_version = int(self.p.learner.version)
         st.step = int(extra["step"])
         st.version = st.synced_version = int(self.p.learner.version)
         st.skip_prompts(int(extra["prompts_taken"]))
@@ -242,7 +250,9 @@ class Stepper:
         dst = self.run_dir / "final_model"
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(Path(latest) / "model", dst)
+        # the checkpoint's Hugging Face files, without optimizer, RNG and bookkeeping state
+        state_files = ("optimizer_", "rng_", "scheduler", "extra.json", "manifest.json", "learner_state.json")
+        shutil.copytree(latest, dst, ignore=lambda _d, names: [n for n in names if n.startswith(state_files)])
 
     def report_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"judges": self.p.judges.stats()}

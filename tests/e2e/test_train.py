@@ -1,0 +1,133 @@
+"""The main job on the real stack (vLLM CPU engine, DeepSpeed on CPU, Ray, rule judges), kept small."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rvpo_async.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
+SMALL = ["rollout.group_size=4", "rollout.groups_per_step=4", "rollout.max_new_tokens=12", "judges.num_workers=1",
+         "metrics.enabled=false", "run.progress=false", "learner.micro_batch_size=16"]
+
+
+def small_config(tmp: Path, model: str, *extra: str):
+    return load_config(CONFIG, SMALL + [f"run.output_dir={tmp}", f"model.path={model}", *extra])
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def test_async_run_advances_version_bounds_staleness_and_writes_run_dir(tmp_path, tiny_model_dir, ray_local):
+    from transformers import AutoModelForCausalLM
+
+    from rvpo_async.driver import train
+
+    run = tmp_path / "run"
+    cfg = small_config(run, tiny_model_dir, "run.mode=async", "run.steps=4", "staleness.max_staleness=1",
+                       "checkpoint.every=2")
+    report = train(cfg)
+
+    rows = rows_of(run)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+    stal = [s for r in rows for s in r["staleness_values"]]
+    assert len(stal) == 4 * 4 and max(stal) <= 1 and min(stal) >= 0
+    # every group trained once
+    trained = [g for r in rows for g in r["group_ids"]]
+    assert len(trained) == len(set(trained))
+
+    for key in ("mode", "aggregator", "steps", "samples_per_second", "generated_tokens_per_second", "rewards",
+                "staleness"):
+        assert key in report, key
+    assert report["mode"] == "async" and report["steps"] == 4 and report["aggregator"] == "rvpo"
+    assert set(report["rewards"]) == {"length", "format", "safety", "keyword"}
+    assert report["samples_per_second"] > 0 and report["generated_tokens_per_second"] > 0
+    assert report["staleness"]["max"] <= 1
+    assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert "keyword" in (run / "report.md").read_text()
+    for png in ("rewards.png", "inter_variance.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = AutoModelForCausalLM.from_pretrained(run / "final_model")
+    assert model.config.model_type == "qwen2"
+    assert (run / "checkpoints" / "latest").is_file()
+
+
+def test_async_with_max_staleness_zero_trains_on_the_same_data_as_sync(tmp_path, tiny_model_dir, ray_local):
+    from rvpo_async.driver import train
+
+    digests = {}
+    for mode, eta in (("sync", 0), ("async", 0)):
+        run = tmp_path / mode
+        train(small_config(run, tiny_model_dir, f"run.mode={mode}", "run.steps=3",
+                           f"staleness.max_staleness={eta}", "checkpoint.every=0"))
+        rows = rows_of(run)
+        assert all(s == 0 for r in rows for s in r["staleness_values"])
+        digests[mode] = [(r["group_ids"], r["batch_digest"], round(r["learner"]["loss"], 6)) for r in rows]
+    assert digests["sync"] == digests["async"]
+
+
+def test_resume_continues_the_policy_version(tmp_path, tiny_model_dir, ray_local):
+    from rvpo_async.driver import train
+
+    run = tmp_path / "run"
+    train(small_config(run, tiny_model_dir, "run.steps=2", "checkpoint.every=1"))
+    report = train(small_config(run, tiny_model_dir, "run.steps=4", "checkpoint.every=1", "run.resume=true",
+                                "run.overwrite=false"))
+    rows = rows_of(run)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+    assert report["policy_version"] == 4
+    trained = [g for r in rows for g in r["group_ids"]]
+    assert len(trained) == len(set(trained)), "a group was trained twice across the resume"
+
+
+def _kill_rollout_when_training_started(run: Path, stop: threading.Event) -> None:
+    import ray
+
+    while not stop.is_set():
+        if (run / "metrics.jsonl").is_file() and rows_of(run):
+            for a in ray.util.list_named_actors():
+                if a.endswith("-rollout-0"):
+                    ray.kill(ray.get_actor(a), no_restart=False)
+                    return
+        time.sleep(0.2)
+
+
+def test_dead_rollout_engine_stops_the_run_with_its_name(tmp_path, tiny_model_dir, ray_local):
+    from rvpo_async.driver import train
+
+    run = tmp_path / "run"
+    cfg = small_config(run, tiny_model_dir, "run.steps=200", "rollout.max_restarts=0", "checkpoint.every=0")
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_rollout_when_training_started, args=(run, stop), daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(RuntimeError, match="rollout-0"):
+            train(cfg)
+    finally:
+        stop.set()
+    assert len(rows_of(run)) < 200
+
+
+def test_restarted_rollout_engine_catches_up_and_the_run_completes(tmp_path, tiny_model_dir, ray_local):
+    from rvpo_async.driver import train
+
+    run = tmp_path / "run"
+    cfg = small_config(run, tiny_model_dir, "run.steps=5", "rollout.max_restarts=1", "checkpoint.every=0")
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_rollout_when_training_started, args=(run, stop), daemon=True)
+    killer.start()
+    try:
+        report = train(cfg)
+    finally:
+        stop.set()
+    rows = rows_of(run)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5]
+    assert report["staleness"]["max"] <= cfg.staleness.max_staleness
