@@ -78,8 +78,10 @@ def ds_config(cfg: LearnerConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for one learner rank. torch's AdamW: DeepSpeedCPUAdam needs a ~75 s JIT build."""
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        # the learner accumulates micro-batches itself (one optimizer step per train_step); these two
+        # entries only fill DeepSpeed's batch-size bookkeeping
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.micro_batch_size * world_size,
         "managed_gradient_accumulation": False,
         # a bare torch optimizer (ZeRO-0, fp32) reports no gradient norm: the learner clips it itself
         "gradient_clipping": 0.0 if plain_optimizer(cfg) else cfg.grad_clip,

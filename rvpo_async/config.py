@@ -213,9 +213,10 @@ class LearnerConfig:
     weight_decay: float = 0.0
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
-    grad_accum: int = 1
     grad_clip: float = 1.0
-    micro_batch_size: int = 64  # sequences per forward pass
+    # sequences per forward/backward pass; one optimizer step accumulates the gradients of every
+    # micro-batch of the step's batch (gradient accumulation follows from the batch size)
+    micro_batch_size: int = 64
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -229,8 +230,6 @@ class LearnerConfig:
             yield "num_ranks", f"must be >= 1, got {self.num_ranks}"
         if not self.lr > 0:
             yield "lr", f"must be > 0, got {self.lr}"
-        if self.grad_accum < 1:
-            yield "grad_accum", f"must be >= 1, got {self.grad_accum}"
         if self.micro_batch_size < 1:
             yield "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}"
         if 10002 <= self.master_port <= 19999:
