@@ -50,6 +50,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scale_judges(args: argparse.Namespace) -> int:
+    import ray
+
+    from rvpo_async.control import NAMESPACE, scale_judges
+
+    ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        run = scale_judges(args.workers, args.run)
+    finally:
+        ray.shutdown()
+    print(f"asked run {run} to resize its judge pool to {args.workers} workers")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rvpo_async import bench
 
@@ -83,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="0", help="comma-separated run seeds; results are averaged")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_compare)
+
+    s = sub.add_parser("scale-judges", help="resize the judge pool of a running job")
+    s.add_argument("workers", type=int)
+    s.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    s.add_argument("--run", default=None, help="run id (needed when several jobs run)")
+    s.set_defaults(func=_cmd_scale_judges)
 
     s = sub.add_parser("bench", help="micro-benchmarks: algo, buffer, rollout, sync")
     s.add_argument("what", choices=["algo", "buffer", "rollout", "sync"])

@@ -113,6 +113,7 @@ class AsyncLoop:
                 self._collect_generation()
                 self._collect_puts()
                 self.stepper.forward_judge_results(timeout_s=0.01)
+                self.stepper.tick()
                 if self.train_future is not None and self.train_future.done():
                     self.stepper.finish_step(self.train_future.result(), bar)
                     self.train_future = None
@@ -154,6 +155,7 @@ def run_sync(p: Pipeline, stepper: Stepper, state: RunState, stop: threading.Eve
         table = None
         while table is None:
             stepper.forward_judge_results(timeout_s=0.05)
+            stepper.tick()
             table = stepper.try_pull(min_groups=gps)
             if stop.is_set():
                 return

@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from rvpo_async.config import Config
+from rvpo_async.control import NAMESPACE, create_control
 from rvpo_async.placement import actor_options
 from rvpo_async.types import Prompt
 
@@ -29,10 +30,10 @@ def init_ray(cfg: Config) -> bool:
         return False
     env = {"env_vars": dict(RAY_ENV)}
     if cfg.ray.address:  # "auto" joins the cluster this process runs in (a RayJob's driver)
-        ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True)
+        ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True, namespace=NAMESPACE)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or max(8, os.cpu_count() or 2), include_dashboard=False,
-                 runtime_env=env, log_to_driver=True)
+                 runtime_env=env, log_to_driver=True, namespace=NAMESPACE)
     return True
 
 
@@ -59,6 +60,8 @@ class Pipeline:
     learner: Any
     sync: Any
     loss_fn: Any
+    run_id: str = ""
+    control: Any = None
     metrics: Any = None
     metrics_server: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -69,7 +72,7 @@ class Pipeline:
                 fn()
             except Exception as e:  # shutting down: report, keep going
                 log.warning("shutdown: %s", e)
-        for h in list(self.engines) + list(self.judge_engines.values()) + [self.buffer]:
+        for h in list(self.engines) + list(self.judge_engines.values()) + [self.buffer, self.control]:
             try:
                 ray.kill(h)
             except Exception:
@@ -127,4 +130,4 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     return Pipeline(cfg=cfg, model_path=model_path, prompts=prompts, pad_id=int(pad_id), engines=engines,
                     engine_names=engine_names, buffer=buffer, judges=judges, judge_engines=judge_engines,
                     learner=learner, sync=make_weight_sync(cfg), loss_fn=make_loss_fn(cfg.algo, cfg.rollout.temperature),
-                    metrics=metrics, metrics_server=server)
+                    run_id=run_id, control=create_control(run_id), metrics=metrics, metrics_server=server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,9 @@ class Stepper:
         self.pending_reward_refs: list[Any] = []
         self.timings: list[dict[str, float]] = []
         self.last_ckpt_version = -1
+        self._next_tick = 0.0
+        self.weights_lock = threading.Lock()  # a training step and its broadcast vs. an engine's catch-up
+        self._seen = {"ready": 0, "dropped": 0}
 
     # ------------------------------------------------------------ data path
     def on_generated(self, groups: list[Any]) -> None:
@@ -117,6 +121,36 @@ class Stepper:
         except ray.exceptions.RayError as e:
             raise RuntimeError(describe_actor_error("buffer", e)) from None
 
+    def tick(self, force: bool = False) -> None:
+        """About once a second: live judge-pool control, autoscaling and the buffer/judge gauges."""
+        now = time.monotonic()
+        if not force and now < self._next_tick:
+            return
+        self._next_tick = now + 1.0
+        p, cfg = self.p, self.cfg
+        if p.control is not None:
+            n = ray.get(p.control.take_judge_workers.remote())
+            if n is not None:
+                try:
+                    p.judges.resize(n)
+                    log.info("judge pool resized to %d workers", n)
+                except ValueError as e:
+                    log.warning("judge pool resize to %d refused: %s", n, e)
+        if cfg.judges.autoscale:
+            p.judges.autoscale()
+        if p.metrics:
+            b = ray.get(p.buffer.stats.remote())
+            g = cfg.rollout.group_size
+            p.metrics.set_buffer(b["groups"]["pending"], b["groups"]["ready"])
+            ready, dropped = b["groups_became_ready"], sum(b["dropped"].values())
+            if ready > self._seen["ready"]:
+                p.metrics.record_scored((ready - self._seen["ready"]) * g)
+            if dropped > self._seen["dropped"]:
+                p.metrics.record_dropped((dropped - self._seen["dropped"]) * g)
+            self._seen = {"ready": ready, "dropped": dropped}
+            js = p.judges.stats()
+            p.metrics.set_judge_pool(js["num_workers"], js["queue_depth"])
+
     # ------------------------------------------------------------ training
     def train_on(self, table: Any) -> dict[str, Any]:
         """Advantages, one learner step and the weight broadcast. Runs off the main thread."""
@@ -135,17 +169,22 @@ class Stepper:
                          weights=cfg.reward_weights, beta=cfg.algo.beta, batch_norm=cfg.algo.batch_norm,
                          eps=cfg.algo.eps, mask=mask)
         batch["advantages"] = adv.reshape(-1).float()
-        t0 = time.perf_counter()
-        try:
-            stats = self.p.learner.train_step(batch, self.p.loss_fn)
-        except ray.exceptions.RayError as e:
-            raise RuntimeError(describe_actor_error("learner", e)) from None
-        t1 = time.perf_counter()
-        version = self.p.learner.version
-        try:
-            sync_s = self.p.sync.sync(self.p.learner, self.p.engines, version)
-        except ray.exceptions.RayError as e:
-            raise RuntimeError(describe_actor_error("weight sync", e)) from None
+        with self.weights_lock:
+            t0 = time.perf_counter()
+            try:
+                stats = self.p.learner.train_step(batch, self.p.loss_fn)
+            except ray.exceptions.RayError as e:
+                raise RuntimeError(describe_actor_error("learner", e)) from None
+            t1 = time.perf_counter()
+            version = self.p.learner.version
+            try:
+                sync_s = self.p.sync.sync(self.p.learner, self.p.engines, version)
+            except ray.exceptions.RayError as e:
+                # an engine died or is restarting: wait for it and bring every engine to this version
+                log.warning("weight sync to version %d failed (%s); catching engines up", version,
+                            describe_actor_error("rollout engine", e))
+                self._catch_up_all(version)
+                sync_s = time.perf_counter() - t1
         diag = reward_diagnostics(rewards.double(), eps=cfg.algo.eps, mask=mask)
         digest = hashlib.sha256()
         for col in ("group_id", "sample_idx", "response_tokens", "behaviour_logprobs", "rewards"):
@@ -231,15 +270,36 @@ class Stepper:
         self.p.sync.sync(self.p.learner, self.p.engines, st.version)
         log.info("resumed from %s at step %d, policy version %d", latest, st.step, st.version)
 
+    def _wait_available(self, i: int, err: BaseException | None = None) -> None:
+        """Block until engine i answers (a restarting actor is "temporarily unavailable" until its
+        __init__ has run again); a dead one is an error naming it."""
+        name, eng = self.p.engine_names[i], self.p.engines[i]
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                ray.get(eng.get_version.remote(), timeout=600)
+                return
+            except ray.exceptions.ActorUnavailableError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(describe_actor_error(name, err or e)) from None
+                time.sleep(1.0)
+            except ray.exceptions.RayError as e:
+                raise RuntimeError(describe_actor_error(name, err or e)) from None
+
+    def _catch_up_all(self, version: int) -> None:
+        for i, eng in enumerate(self.p.engines):
+            self._wait_available(i)
+            if self.p.sync.catch_up(self.p.learner, eng, version):
+                log.warning("rollout engine %s was behind; caught up to policy version %d",
+                            self.p.engine_names[i], version)
+
     def recover_engine(self, i: int, err: BaseException) -> None:
-        name = self.p.engine_names[i]
-        eng = self.p.engines[i]
-        try:
-            ray.get(eng.get_version.remote(), timeout=600)
-        except Exception:
-            raise RuntimeError(describe_actor_error(name, err)) from None
-        log.warning("rollout engine %s restarted; catching up to policy version %d", name, self.state.synced_version)
-        self.p.sync.catch_up(self.p.learner, eng, self.state.synced_version)
+        """A generate call failed because engine i died: wait for its restart, then push the latest weights."""
+        with self.weights_lock:  # no training step or broadcast in progress: the learner's version is final
+            self._wait_available(i, err)
+            version = self.p.learner.version
+            self.p.sync.catch_up(self.p.learner, self.p.engines[i], version)
+        log.warning("rollout engine %s restarted; caught up to policy version %d", self.p.engine_names[i], version)
 
     def export_final_model(self) -> None:
         from learner.checkpoint import find_latest
@@ -255,7 +315,10 @@ class Stepper:
         shutil.copytree(latest, dst, ignore=lambda _d, names: [n for n in names if n.startswith(state_files)])
 
     def report_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"judges": self.p.judges.stats()}
+        js = self.p.judges.stats()
+        for j in js.get("judges", {}).values():
+            j.pop("latency_s", None)  # the summary stays; the raw list does not belong in a report
+        extra: dict[str, Any] = {"run_id": self.p.run_id, "judges": js}
         try:
             extra["buffer"] = ray.get(self.p.buffer.stats.remote(), timeout=30)
         except Exception as e:
