@@ -88,11 +88,18 @@ def _bench_sync(argv: Sequence[str]) -> int:
     return bench_sync(argv)
 
 
+def _bench_pipeline(argv: Sequence[str]) -> int:
+    from rvpo_async.pipeline_bench import bench_pipeline
+
+    return bench_pipeline(argv)
+
+
 BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
     "algo": bench_algo,
     "buffer": _bench_buffer,
     "rollout": _bench_rollout,
     "sync": _bench_sync,
+    "pipeline": _bench_pipeline,
 }
 
 

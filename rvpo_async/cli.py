@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", default=None, help="run id (needed when several jobs run)")
     s.set_defaults(func=_cmd_scale_judges)
 
-    s = sub.add_parser("bench", help="micro-benchmarks: algo, buffer, rollout, sync")
-    s.add_argument("what", choices=["algo", "buffer", "rollout", "sync"])
+    s = sub.add_parser("bench", help="benchmarks: algo, buffer, rollout, sync, pipeline (async vs sync)")
+    s.add_argument("what", choices=["algo", "buffer", "rollout", "sync", "pipeline"])
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)
     return p
