@@ -93,10 +93,11 @@ def default_persist_dir(cfg: Config) -> str:
 
 
 def create_buffer_actor(cfg: Config, judge_names: list[str], persist_dir: str | None,
-                        restore: bool | None = None) -> "ray.actor.ActorHandle":
+                        restore: bool | None = None, **options: Any) -> "ray.actor.ActorHandle":
     """The buffer actor for a run. persist_dir None keeps scored groups in memory only; restore
-    (default: run.resume) reloads the groups a previous run scored but never pulled."""
-    opts = actor_options("buffer", cfg, max_concurrency=MAX_CONCURRENCY)
+    (default: run.resume) reloads the groups a previous run scored but never pulled. `options` add
+    remote options (the driver pins it to its own node)."""
+    opts = actor_options("buffer", cfg, max_concurrency=MAX_CONCURRENCY, **options)
     return BufferActor.options(**opts).remote(  # type: ignore[attr-defined]
         list(judge_names), cfg.rollout.group_size, cfg.buffer.capacity_groups, cfg.staleness.max_staleness,
         persist_dir, cfg.run.resume if restore is None else restore)

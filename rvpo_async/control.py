@@ -29,8 +29,8 @@ class RunControl:
         return n
 
 
-def create_control(run_id: str) -> Any:
-    return RunControl.options(name=f"{run_id}-control", namespace=NAMESPACE, lifetime=None).remote()
+def create_control(run_id: str, **options: Any) -> Any:
+    return RunControl.options(name=f"{run_id}-control", namespace=NAMESPACE, lifetime=None, **options).remote()
 
 
 def find_controls() -> list[str]:

@@ -37,6 +37,18 @@ def init_ray(cfg: Config) -> bool:
     return True
 
 
+def on_driver_node() -> dict[str, Any]:
+    """Remote options that keep an actor on the driver's node (the head pod on KubeRay).
+
+    The buffer and the run control request no resources, so Ray may otherwise place them on any node,
+    a judge node included, and the autoscaler removes a judge node once its judge workers are gone, taking
+    the run down with it. On the driver's node the buffer also writes its persist_dir where --resume reads it.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def resolve_model(cfg: Config) -> str:
     path = Path(cfg.model.path)
     if cfg.model.build_if_missing:
@@ -111,7 +123,7 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
         server = metrics.start_http_server(cfg.metrics.host, cfg.metrics.port)
 
     persist = cfg.buffer.persist_dir or str(run_dir / "buffer")
-    buffer = create_buffer_actor(cfg, names, persist, restore=cfg.run.resume)
+    buffer = create_buffer_actor(cfg, names, persist, restore=cfg.run.resume, **on_driver_node())
     engines, engine_names = [], []
     run_id = f"rvpo-{uuid.uuid4().hex[:8]}"  # Ray actor names: unique per run, readable in `ray list actors`
     for i in range(cfg.rollout.num_engines):
@@ -130,4 +142,5 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     return Pipeline(cfg=cfg, model_path=model_path, prompts=prompts, pad_id=int(pad_id), engines=engines,
                     engine_names=engine_names, buffer=buffer, judges=judges, judge_engines=judge_engines,
                     learner=learner, sync=make_weight_sync(cfg), loss_fn=make_loss_fn(cfg.algo, cfg.rollout.temperature),
-                    run_id=run_id, control=create_control(run_id), metrics=metrics, metrics_server=server)
+                    run_id=run_id, control=create_control(run_id, **on_driver_node()), metrics=metrics,
+                    metrics_server=server)
