@@ -202,7 +202,6 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     mean = r0.sum((0, 1)) / n
     std = (((r0 - mean) ** 2 * vf).sum((0, 1)) / n).sqrt()
     z = group_normalize(rewards, eps=eps, mask=mask)
-    k = rewards.shape[-1]
     # inter-reward variance and bottleneck over the valid rewards of each response only: a masked
     # entry's Z = 0 is a placeholder, not a score; responses with no valid reward are left out
     nk = vf.sum(-1)  # [B, G]

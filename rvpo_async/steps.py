@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import ray
-import torch
 
 from rvpo_async.algo import advantages, reward_diagnostics
 from rvpo_async.config import Config

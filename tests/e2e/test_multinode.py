@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
+from judge_fakes import EXTRA_BUILDERS
 from rvpo_async.config import Config, JudgesConfig, JudgeSpec, load_config
 from rvpo_async.types import Prompt, RolloutGroup, Sample
 
@@ -291,7 +291,9 @@ def test_run_keeps_actors_on_their_node_groups_and_follows_judge_scaling(tmp_pat
     grown = counts.index(3)
     assert 1 in counts[grown:], w.judge_counts
     js = report["judges"]
-    assert js["num_workers"] == 1 and js["queue_depth"] == 0 and js["in_flight"] == 0
+    # (work still queued or in flight at the end belongs to groups generated past the last step: the
+    # async loop keeps engines and judges busy until training stops, and those groups are never trained)
+    assert js["num_workers"] == 1
     assert len(js["calls_by_worker"]) == 4, js["calls_by_worker"]  # the first, two added, one replacement
     assert js["worker_deaths"] == 1 and js["start_failures"] == 0 and "died" in js["last_worker_failure"]
     (replacement,) = js["workers"]
@@ -315,23 +317,6 @@ def test_run_keeps_actors_on_their_node_groups_and_follows_judge_scaling(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- judge throughput
-@dataclasses.dataclass(frozen=True)
-class SleepJudge:
-    """Scores 1.0 after `seconds`: a judge bound by waiting (an HTTP rubric call), not by CPU."""
-
-    name: str
-    seconds: float
-    low: float = 0.0
-    high: float = 1.0
-
-    def score(self, prompt: Prompt, sample_text: str) -> float:
-        time.sleep(self.seconds)
-        return 1.0
-
-
-def _sleep(spec: JudgeSpec, deps: Mapping[str, Any]) -> SleepJudge:
-    return SleepJudge(spec.name, float(spec.params["seconds"]))
-
 
 def backlog(n_groups: int, group_size: int, first_id: int) -> list[RolloutGroup]:
     prompt = Prompt("p", "say something safe", (1, 2), {})
@@ -375,7 +360,7 @@ def test_judge_throughput_rises_with_workers_on_an_added_judge_node(one_judge_no
     cfg = dataclasses.replace(Config(), judges=JudgesConfig(
         specs=specs, num_workers=1, min_workers=1, max_workers=3, concurrency=2, num_cpus=0.25,
         resources={"rvpo_judge": 1}))
-    pool = JudgePool(cfg, extra_builders={"sleep": _sleep})
+    pool = JudgePool(cfg, extra_builders=EXTRA_BUILDERS)
     added = None
     try:
         wait_live(pool, 1)

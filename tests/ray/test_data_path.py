@@ -5,53 +5,18 @@ changes an engine's log-probs and version; the judge pool is resized while work 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pytest
 import ray
-import ray.cloudpickle
 
+from judge_fakes import EXTRA_BUILDERS
 from rvpo_async.config import Config, JudgesConfig, JudgeSpec, RolloutConfig, load_config
-from rvpo_async.types import STATUS_CODES, Prompt
+from rvpo_async.types import STATUS_CODES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@dataclasses.dataclass(frozen=True)
-class SleepJudge:
-    name: str
-    seconds: float
-    low: float = 0.0
-    high: float = 1.0
-
-    def score(self, prompt: Prompt, sample_text: str) -> float:
-        time.sleep(self.seconds)
-        return 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RaiseJudge:
-    name: str
-    low: float = 0.0
-    high: float = 1.0
-
-    def score(self, prompt: Prompt, sample_text: str) -> float:
-        raise RuntimeError("rubric service exploded")
-
-
-def _sleep(spec: JudgeSpec, deps: Mapping[str, Any]) -> SleepJudge:
-    return SleepJudge(spec.name, float(spec.params["seconds"]))
-
-
-def _raise(spec: JudgeSpec, deps: Mapping[str, Any]) -> RaiseJudge:
-    return RaiseJudge(spec.name)
-
 
 SPECS = [
     JudgeSpec(name="length", kind="length", params={"min_chars": 5, "max_chars": 60}),
@@ -77,7 +42,7 @@ def test_rollout_judges_and_buffer_fill_ready_groups(tiny_model_dir: str, ray_lo
     engines = [RolloutActor.options(num_cpus=1).remote(f"rollout-{i}", tiny_model_dir, group_size=G,
                                                        max_new_tokens=12, seed=i) for i in range(2)]
     judge_engines = create_judge_engines(cfg, tiny_model_dir)
-    pool = JudgePool(cfg, judge_engines, extra_builders={"sleep": _sleep, "raise": _raise})
+    pool = JudgePool(cfg, judge_engines, extra_builders=EXTRA_BUILDERS)
     buffer = BufferActor.options(max_concurrency=100).remote([s.name for s in SPECS], G, 64, 10)
     ray.get([e.ready.remote() for e in engines])
 

@@ -15,48 +15,16 @@ import ray
 import ray.cloudpickle
 
 from actors.judge_pool import JudgePool
+from judge_fakes import EXTRA_BUILDERS, SleepJudge
 from rvpo_async.config import Config, JudgesConfig, JudgeSpec
 from rvpo_async.types import Prompt, RolloutGroup, Sample
 
 pytestmark = pytest.mark.ray
 
-# the test-only judge kinds below travel to the workers by value: the workers cannot import this file
+# _driver_only below travels to the workers by value: the workers cannot import this file
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-
-@dataclasses.dataclass(frozen=True)
-class SleepJudge:
-    """Scores 1.0 after `seconds`: a stand-in for a slow judge."""
-
-    name: str
-    seconds: float
-    low: float = 0.0
-    high: float = 1.0
-
-    def score(self, prompt: Prompt, sample_text: str) -> float:
-        time.sleep(self.seconds)
-        return 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RaiseJudge:
-    name: str
-    low: float = 0.0
-    high: float = 1.0
-
-    def score(self, prompt: Prompt, sample_text: str) -> float:
-        raise RuntimeError("rubric service exploded")
-
-
-def _sleep(spec: JudgeSpec, deps: Mapping[str, Any]) -> SleepJudge:
-    return SleepJudge(spec.name, float(spec.params["seconds"]))
-
-
-def _raise(spec: JudgeSpec, deps: Mapping[str, Any]) -> RaiseJudge:
-    return RaiseJudge(spec.name)
-
-
-EXTRA = {"sleep": _sleep, "raise": _raise}
+EXTRA = EXTRA_BUILDERS
 FMT = JudgeSpec(name="fmt", kind="regex", params={"pattern": r"\d"})
 
 
