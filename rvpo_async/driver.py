@@ -71,9 +71,9 @@ class AsyncLoop:
             self.busy.add(i)
             self.state.submitted_groups += n
 
-    def _collect_generation(self) -> None:
+    def _collect_generation(self) -> int:
         if not self.gen_inflight:
-            return
+            return 0
         done, _ = ray.wait(list(self.gen_inflight), num_returns=len(self.gen_inflight), timeout=0)
         for ref in done:
             i, items = self.gen_inflight.pop(ref)
@@ -91,10 +91,11 @@ class AsyncLoop:
             self.stepper.on_generated(groups)
             for g in groups:
                 self.put_inflight[self.p.buffer.put_group.remote(g)] = g
+        return len(done)
 
-    def _collect_puts(self) -> None:
+    def _collect_puts(self) -> int:
         if not self.put_inflight:
-            return
+            return 0
         done, _ = ray.wait(list(self.put_inflight), num_returns=len(self.put_inflight), timeout=0)
         for ref in done:
             g = self.put_inflight.pop(ref)
@@ -103,26 +104,34 @@ class AsyncLoop:
             except ray.exceptions.RayError as e:
                 raise RuntimeError(describe_actor_error("buffer", e)) from None
             self.p.judges.submit(g)
+        return len(done)
 
     def run(self, stop: threading.Event, bar: Any) -> None:
         cfg = self.p.cfg
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rvpo-train")
+        pull_due, next_pull = True, 0.0
         try:
             while self.state.step < cfg.run.steps and not stop.is_set():
                 self._launch_generation()
-                self._collect_generation()
-                self._collect_puts()
-                self.stepper.forward_judge_results(timeout_s=0.01)
+                progress = self._collect_generation() + self._collect_puts()
+                scored = self.stepper.forward_judge_results(timeout_s=0.01)
+                progress += scored
+                pull_due = pull_due or scored > 0
                 self.stepper.tick()
                 if self.train_future is not None and self.train_future.done():
                     self.stepper.finish_step(self.train_future.result(), bar)
                     self.train_future = None
-                if self.train_future is None and self.state.step < cfg.run.steps:
+                    progress += 1
+                # ask the buffer only when new rewards arrived (or now and then): a pull is a round trip
+                if self.train_future is None and self.state.step < cfg.run.steps and \
+                        (pull_due or time.monotonic() >= next_pull):
                     table = self.stepper.try_pull()
+                    pull_due, next_pull = False, time.monotonic() + 0.25
                     if table is not None:
                         self.train_future = pool.submit(self.stepper.train_on, table)
-                if self.train_future is None:
-                    time.sleep(0.005)
+                        progress += 1
+                if not progress:
+                    time.sleep(0.01)  # nothing moved: do not spin a core the actors need
             if self.train_future is not None:
                 self.stepper.finish_step(self.train_future.result(), bar)
         finally:

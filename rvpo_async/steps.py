@@ -96,7 +96,8 @@ class Stepper:
         if self.p.metrics:
             self.p.metrics.record_generation(tokens, sum(len(g.samples) for g in groups))
 
-    def forward_judge_results(self, timeout_s: float) -> None:
+    def forward_judge_results(self, timeout_s: float) -> int:
+        """Move finished judge entries into the buffer; returns how many."""
         entries = self.p.judges.poll(timeout_s)
         if entries:
             self.pending_reward_refs.append(self.p.buffer.set_rewards.remote(entries))
@@ -112,6 +113,7 @@ class Stepper:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
                     raise RuntimeError(describe_actor_error("buffer", e)) from None
+        return len(entries)
 
     def try_pull(self, min_groups: int | None = None) -> Any:
         gps = self.cfg.rollout.groups_per_step
