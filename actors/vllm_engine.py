@@ -15,6 +15,9 @@ VLLM_ENV: dict[str, str] = {
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # the default pins every engine to core 0
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # every weight update logs INFO lines and a harmless "failed to load weights" warning for the rotary
+    # embedding and tied lm_head; set VLLM_LOGGING_LEVEL in the environment to see them
+    "VLLM_LOGGING_LEVEL": "ERROR",
 }
 
 
