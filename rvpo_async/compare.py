@@ -68,12 +68,13 @@ def _plot(results: dict[str, list[dict[str, Any]]], names: Sequence[str], path: 
     for k, n in enumerate(names):
         ax = axes[0][k]
         for agg, runs in results.items():
-            rows = runs[0]["rows"]
-            ax.plot([r["step"] for r in rows], [r["reward_mean"][n] for r in rows], label=agg)
+            steps = min(len(r["rows"]) for r in runs)
+            mean = [sum(r["rows"][i]["reward_mean"][n] for r in runs) / len(runs) for i in range(steps)]
+            ax.plot(range(1, steps + 1), mean, label=agg)
         ax.set_title(n)
         ax.set_xlabel("step")
         ax.set_ylim(-0.05, 1.05)
-    axes[0][0].set_ylabel("mean reward")
+    axes[0][0].set_ylabel("mean reward (averaged over seeds)")
     axes[0][-1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
