@@ -304,7 +304,10 @@ def test_run_keeps_actors_on_their_node_groups_and_follows_judge_scaling(tmp_pat
     assert all(set(j["counts"]) == {"ok"} for j in js["judges"].values()), js["judges"]
     buf = report["buffer"]
     assert all(v == 0 for v in buf["masked"].values()), buf["masked"]
-    assert buf["dropped"] == {"stale": 0} and buf["duplicate_writes"] == 0 and buf["nonfinite_values"] == 0
+    assert buf["duplicate_writes"] == 0 and buf["nonfinite_values"] == 0
+    # a group whose judging stalled while its worker's node went away may fall behind max_staleness: it is
+    # dropped and counted, never trained; every group that became ready is accounted for
+    assert buf["groups_became_ready"] == buf["groups_pulled"] + buf["dropped"]["stale"] + buf["groups"]["ready"]
     gps, g, k = cfg.rollout.groups_per_step, cfg.rollout.group_size, len(cfg.reward_names)
     trained = [gid for r in rows for gid in r["group_ids"]]
     assert all(len(r["group_ids"]) == gps for r in rows)
