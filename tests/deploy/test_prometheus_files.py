@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -20,6 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from rvpo_async.config import MetricsConfig
+from ports import free_ports
 from rvpo_async.metrics import METRICS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,20 +171,6 @@ def test_dashboard_draws_one_series_per_reward_for_the_reward_panels() -> None:
 
 # ---------------------------------------------------------------- a real Prometheus
 
-def _free_ports(n: int) -> list[int]:
-    ports = []
-    for port in PORT_RANGE:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == n:
-            return ports
-    pytest.fail(f"need {n} free ports in {PORT_RANGE.start}-{PORT_RANGE.stop - 1} on 127.0.0.1")
-
-
 def _query(port: int, q: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
     with urllib.request.urlopen(url, timeout=5) as r:
@@ -193,7 +179,7 @@ def _query(port: int, q: str) -> list[dict[str, Any]]:
 
 def test_prometheus_with_the_shipped_config_scrapes_a_runs_metrics_server(tmp_path: Path) -> None:
     prometheus = _tool("prometheus")
-    metrics_port, prom_port = _free_ports(2)
+    metrics_port, prom_port = free_ports(PORT_RANGE, 2)
     m = Metrics(["length", "format"], ["length", "format"])
     m.set_policy_version(3)
     m.record_rewards(mean=[0.75, 0.5], std=[0.1, 0.2], inter_variance=0.3, bottleneck_share=[0.25, 0.75])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -17,26 +16,13 @@ from typing import Any
 import pytest
 import yaml
 
+from ports import free_ports
 from rvpo_async.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[2]
 PORTS = range(21500, 21520)
-
-
-def _free_ports(n: int) -> list[int]:
-    out = []
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        out.append(port)
-        if len(out) == n:
-            return out
-    pytest.fail(f"need {n} free ports in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def _query(port: int, q: str, at: float) -> list[dict[str, Any]]:
@@ -53,7 +39,7 @@ def test_prometheus_scrapes_a_real_run(tmp_path: Path, tiny_model_dir: str, ray_
         pytest.fail("Debian's prometheus is not installed: run `make system-deps` (apt-get install prometheus)")
     from rvpo_async.driver import train
 
-    metrics_port, prom_port = _free_ports(2)
+    metrics_port, prom_port = free_ports(PORTS, 2)
     prom_cfg = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     prom_cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
     prom_cfg["scrape_configs"][0].update(scrape_interval="1s",

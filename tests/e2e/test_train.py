@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -100,19 +102,24 @@ def _kill_rollout_when_training_started(run: Path, stop: threading.Event) -> Non
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def rollout_killed_after_first_step(run: Path) -> Iterator[None]:
+    """Kill engine rollout-0 (Ray restarts it if its max_restarts allows) once the run has trained a step."""
+    stop = threading.Event()
+    threading.Thread(target=_kill_rollout_when_training_started, args=(run, stop), daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def test_dead_rollout_engine_stops_the_run_with_its_name(tmp_path, tiny_model_dir, ray_local):
     from rvpo_async.driver import train
 
     run = tmp_path / "run"
     cfg = small_config(run, tiny_model_dir, "run.steps=200", "rollout.max_restarts=0", "checkpoint.every=0")
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_rollout_when_training_started, args=(run, stop), daemon=True)
-    killer.start()
-    try:
-        with pytest.raises(RuntimeError, match="rollout-0"):
-            train(cfg)
-    finally:
-        stop.set()
+    with rollout_killed_after_first_step(run), pytest.raises(RuntimeError, match="rollout-0"):
+        train(cfg)
     assert len(rows_of(run)) < 200
 
 
@@ -121,13 +128,8 @@ def test_restarted_rollout_engine_catches_up_and_the_run_completes(tmp_path, tin
 
     run = tmp_path / "run"
     cfg = small_config(run, tiny_model_dir, "run.steps=5", "rollout.max_restarts=1", "checkpoint.every=0")
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_rollout_when_training_started, args=(run, stop), daemon=True)
-    killer.start()
-    try:
+    with rollout_killed_after_first_step(run):
         report = train(cfg)
-    finally:
-        stop.set()
     rows = rows_of(run)
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5]
     assert report["staleness"]["max"] <= cfg.staleness.max_staleness

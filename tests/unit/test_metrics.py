@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import socket
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rvpo_async.config import load_config
+from ports import free_ports
 from rvpo_async.metrics import METRICS, Metrics
 
 REWARDS = ["length", "format", "required_word"]
@@ -176,21 +176,10 @@ def test_from_config_labels_rewards_and_judges_by_spec_name(tmp_path) -> None:
     assert m.reward_names == ("short", "polite") and m.judge_names == ("short", "polite")
 
 
-def _bind_free_port() -> int:
-    for port in PORT_RANGE:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.fail(f"no free port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1} on 127.0.0.1")
-
-
 def test_http_server_binds_to_127_0_0_1_and_serves_metrics() -> None:
     m = Metrics(REWARDS, REWARDS)
     m.set_policy_version(5)
-    port = _bind_free_port()
+    port = free_ports(PORT_RANGE)[0]
     server = m.start_http_server("127.0.0.1", port)
     try:
         assert server.server_address[:2] == ("127.0.0.1", port)
