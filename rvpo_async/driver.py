@@ -223,7 +223,7 @@ def train(cfg: Config) -> dict[str, Any]:
             else:
                 AsyncLoop(p, stepper, state).run(stop, bar)
         wall = time.perf_counter() - t_start
-        stepper.checkpoint(final=True)
+        stepper.checkpoint()  # the final one
         stepper.export_final_model()
         steplog.close()
         report = summarise(steplog.rows, cfg.reward_names, mode=cfg.run.mode, aggregator=cfg.algo.aggregator,

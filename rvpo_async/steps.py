@@ -244,7 +244,7 @@ class Stepper:
         return {"step": st.step, "submitted_groups": st.submitted_groups, "prompts_taken": st.prompts_taken,
                 "next_group_id": st.next_group_id, "requeued": [[p.prompt_id, g, s] for p, g, s in st.requeued]}
 
-    def checkpoint(self, final: bool = False) -> None:
+    def checkpoint(self) -> None:
         if self.last_ckpt_version == self.state.version:
             return  # this version is already saved
         self.p.learner.save_checkpoint(str(self.ckpt_dir), self._extra_state())
