@@ -75,6 +75,11 @@ METRICS: tuple[MetricSpec, ...] = (
                "Time to publish new weights from the learner to every rollout engine."),
     MetricSpec("rvpo_importance_weight_truncated_ratio", "gauge", (),
                "Fraction of importance weights truncated or masked in the last learner step."),
+    MetricSpec("rvpo_importance_weight_mean", "gauge", (),
+               "Mean behaviour importance weight (proximal / behaviour probability) over the last learner "
+               "step's response tokens, before truncation or masking."),
+    MetricSpec("rvpo_importance_weight_max", "gauge", (),
+               "Largest behaviour importance weight in the last learner step, before truncation or masking."),
     MetricSpec("rvpo_learner_step_seconds", "histogram", (), "Wall time of one learner step."),
     MetricSpec("rvpo_judge_workers", "gauge", (), "Judge workers currently in the pool."),
     MetricSpec("rvpo_judge_queue_depth", "gauge", (), "Judge requests waiting or in flight."),
@@ -139,6 +144,8 @@ class Metrics:
                                      buckets=WEIGHT_SYNC_BUCKETS, registry=r)
         self.is_truncated_ratio = Gauge("rvpo_importance_weight_truncated_ratio",
                                         h["rvpo_importance_weight_truncated_ratio"], registry=r)
+        self.is_weight_mean = Gauge("rvpo_importance_weight_mean", h["rvpo_importance_weight_mean"], registry=r)
+        self.is_weight_max = Gauge("rvpo_importance_weight_max", h["rvpo_importance_weight_max"], registry=r)
         self.learner_step = Histogram("rvpo_learner_step_seconds", h["rvpo_learner_step_seconds"],
                                       buckets=LEARNER_STEP_BUCKETS, registry=r)
         self.judge_workers = Gauge("rvpo_judge_workers", h["rvpo_judge_workers"], registry=r)
@@ -174,12 +181,17 @@ class Metrics:
         self.samples.labels(stage="scored").inc(_nonneg_int("samples", samples))
 
     def record_trained(self, tokens: int, samples: int, staleness: Sequence[int], step_seconds: float,
-                       is_truncated_ratio: float) -> None:
+                       is_truncated_ratio: float, is_weight_mean: float, is_weight_max: float) -> None:
         """One learner step: response tokens and samples consumed, each sample's staleness (versions),
-        the step's wall time and the fraction of importance weights truncated or masked."""
+        the step's wall time, the fraction of importance weights truncated or masked, and the mean and
+        largest importance weight before truncation."""
         ratio = _nonneg("is_truncated_ratio", is_truncated_ratio)
         if ratio > 1:
             raise ValueError(f"is_truncated_ratio must be in [0, 1], got {is_truncated_ratio!r}")
+        # an importance weight may overflow to +inf (a token the engine sampled at probability ~0); the gauge
+        # shows that rather than the run failing on it
+        w_mean, w_max = (float(v) if v >= 0 else _nonneg(what, v)
+                         for what, v in (("is_weight_mean", is_weight_mean), ("is_weight_max", is_weight_max)))
         step = _nonneg("step_seconds", step_seconds)
         ages = [_nonneg_int("staleness", s) for s in staleness]
         self.trained_tokens.inc(_nonneg_int("tokens", tokens))
@@ -188,6 +200,8 @@ class Metrics:
             self.staleness.observe(a)
         self.learner_step.observe(step)
         self.is_truncated_ratio.set(ratio)
+        self.is_weight_mean.set(w_mean)
+        self.is_weight_max.set(w_max)
 
     def record_dropped(self, n: int) -> None:
         """`n` responses were evicted without being trained (over max_staleness, or buffer full)."""

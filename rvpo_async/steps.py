@@ -224,8 +224,10 @@ class Stepper:
         self.steplog.write(row)
         m = self.p.metrics
         if m:
+            ls = r["stats"]
             m.record_trained(r["tokens"], r["samples"], stal, r["train_s"],
-                             float(r["stats"].get("is_truncated_frac", 0.0)))
+                             is_truncated_ratio=float(ls["is_truncated_frac"]) + float(ls["is_masked_frac"]),
+                             is_weight_mean=float(ls["is_weight_mean"]), is_weight_max=float(ls["is_weight_max"]))
             m.record_rewards([row["reward_mean"][n] for n in names], [row["reward_std"][n] for n in names],
                              row["inter_variance"], [row["bottleneck_share"][n] for n in names])
             m.set_policy_version(st.version)

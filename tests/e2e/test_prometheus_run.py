@@ -93,6 +93,13 @@ def test_prometheus_scrapes_a_real_run(tmp_path: Path, tiny_model_dir: str, ray_
         assert len(buckets) > 1
         means = _query(prom_port, "rvpo_reward_mean", at)
         assert sorted(r["metric"]["reward"] for r in means) == sorted(cfg.reward_names)
+        # the learner's importance weights: the engines sample from (nearly) the learner's policy, so the
+        # mean weight is near 1 and the largest is at least the mean
+        w_mean = _query(prom_port, "rvpo_importance_weight_mean", at)
+        w_max = _query(prom_port, "rvpo_importance_weight_max", at)
+        assert w_mean and w_max
+        assert 0.5 < float(w_mean[0]["value"][1]) < 2.0
+        assert float(w_max[0]["value"][1]) >= float(w_mean[0]["value"][1]) * (1 - 1e-6)
     finally:
         proc.terminate()
         try:

@@ -31,6 +31,8 @@ REQUIRED = {
     "rvpo_judge_failures_total": ("counter", {"judge", "reason"}),
     "rvpo_weight_sync_seconds": ("histogram", set()),
     "rvpo_importance_weight_truncated_ratio": ("gauge", set()),
+    "rvpo_importance_weight_mean": ("gauge", set()),
+    "rvpo_importance_weight_max": ("gauge", set()),
     "rvpo_learner_step_seconds": ("histogram", set()),
     "rvpo_judge_workers": ("gauge", set()),
     "rvpo_judge_queue_depth": ("gauge", set()),
@@ -41,7 +43,7 @@ def _record_everything(m: Metrics) -> None:
     m.record_generation(tokens=640, samples=20)
     m.record_scored(20)
     m.record_trained(tokens=320, samples=10, staleness=[0, 1, 1, 2, 2, 2, 0, 1, 2, 9], step_seconds=0.2,
-                     is_truncated_ratio=0.05)
+                     is_truncated_ratio=0.05, is_weight_mean=1.02, is_weight_max=3.5)
     m.record_dropped(3)
     m.record_rewards(mean=[0.9, 0.5, 0.1], std=[0.1, 0.2, 0.3], inter_variance=0.4,
                      bottleneck_share=[0.0, 0.25, 0.75])
@@ -94,6 +96,9 @@ def test_recorded_values_appear_in_render() -> None:
     assert _samples(m, "rvpo_reward_mean")[(("reward", "required_word"),)] == pytest.approx(0.1)
     assert _samples(m, "rvpo_reward_bottleneck_share")[(("reward", "format"),)] == pytest.approx(0.25)
     assert _samples(m, "rvpo_policy_version") == {(): 7}
+    assert _samples(m, "rvpo_importance_weight_truncated_ratio") == {(): pytest.approx(0.05)}
+    assert _samples(m, "rvpo_importance_weight_mean") == {(): pytest.approx(1.02)}
+    assert _samples(m, "rvpo_importance_weight_max") == {(): pytest.approx(3.5)}
     assert _samples(m, "rvpo_buffer_groups") == {(("state", "pending"),): 4, (("state", "ready"),): 2}
     failures = _samples(m, "rvpo_judge_failures_total")
     assert failures[(("judge", "format"), ("reason", "timeout"))] == 1
@@ -104,7 +109,8 @@ def test_recorded_values_appear_in_render() -> None:
 
 def test_staleness_histogram_has_integer_buckets_0_to_8() -> None:
     m = Metrics(REWARDS, REWARDS)
-    m.record_trained(tokens=1, samples=4, staleness=[0, 2, 8, 9], step_seconds=0.1, is_truncated_ratio=0.0)
+    m.record_trained(tokens=1, samples=4, staleness=[0, 2, 8, 9], step_seconds=0.1, is_truncated_ratio=0.0,
+                     is_weight_mean=1.0, is_weight_max=1.0)
     buckets = {dict(k)["le"]: v for k, v in _samples(m, "rvpo_staleness_bucket").items()}
     assert list(buckets) == [f"{float(i)}" for i in range(9)] + ["+Inf"]
     assert buckets["0.0"] == 1 and buckets["1.0"] == 1 and buckets["2.0"] == 2
@@ -151,9 +157,20 @@ def test_negative_or_non_integer_counts_raise() -> None:
         m.record_generation(tokens=-1, samples=1)
     with pytest.raises(ValueError, match="staleness must be a non-negative integer"):
         m.record_trained(tokens=1, samples=1, staleness=[1.5], step_seconds=0.1,  # type: ignore[list-item]
-                         is_truncated_ratio=0.0)
+                         is_truncated_ratio=0.0, is_weight_mean=1.0, is_weight_max=1.0)
     with pytest.raises(ValueError, match=r"is_truncated_ratio must be in \[0, 1\]"):
-        m.record_trained(tokens=1, samples=1, staleness=[0], step_seconds=0.1, is_truncated_ratio=1.5)
+        m.record_trained(tokens=1, samples=1, staleness=[0], step_seconds=0.1, is_truncated_ratio=1.5,
+                         is_weight_mean=1.0, is_weight_max=1.0)
+    with pytest.raises(ValueError, match="is_weight_max must be a finite number >= 0"):
+        m.record_trained(tokens=1, samples=1, staleness=[0], step_seconds=0.1, is_truncated_ratio=0.0,
+                         is_weight_mean=1.0, is_weight_max=float("nan"))
+
+
+def test_an_overflowed_importance_weight_is_shown_as_inf_not_an_error() -> None:
+    m = Metrics(REWARDS, REWARDS)
+    m.record_trained(tokens=1, samples=1, staleness=[0], step_seconds=0.1, is_truncated_ratio=0.0,
+                     is_weight_mean=float("inf"), is_weight_max=float("inf"))
+    assert _samples(m, "rvpo_importance_weight_max") == {(): math.inf}
 
 
 def test_repeated_names_raise() -> None:
