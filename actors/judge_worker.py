@@ -32,15 +32,17 @@ class SampleScorer:
                     extra_builders=extra_builders or {})
         self.judges = [build_judge(s, **deps) for s in specs]
         self.timeouts = [float(s.timeout_s or default_timeout_s) for s in specs]
-        # K threads per concurrent call, so one slow judge never queues behind another
-        self._threads = ThreadPoolExecutor(max_workers=max(1, concurrency * len(specs)), thread_name_prefix="judge")
+        # one pool of `concurrency` threads per judge: a slow or hung judge ties up only its own threads (its
+        # entries time out), never another judge's
+        self._pools = [ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix=f"judge-{k}")
+                       for k in range(len(self.judges))]
 
     def ready(self) -> int:
         return len(self.judges)
 
     def score_sample(self, prompt: Prompt, text: str) -> list[JudgeResult]:
         t0 = time.perf_counter()
-        futures = [self._threads.submit(evaluate, j, prompt, text) for j in self.judges]
+        futures = [pool.submit(evaluate, j, prompt, text) for j, pool in zip(self.judges, self._pools)]
         results = []
         for judge, fut, limit in zip(self.judges, futures, self.timeouts):
             try:
@@ -55,13 +57,17 @@ JudgeWorker = ray.remote(SampleScorer)
 
 
 def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> dict[str, Any]:
-    """One JudgeEngine per distinct `engine` param among the 'llm' judge specs, all on `model_path`.
-    Waits until each has loaded its model (`wait`), so no judge's first deadline is spent on startup."""
+    """One JudgeEngine per distinct `engine` param among the 'llm' judge specs, each serving the judge model
+    of `judges.engine` (`model_path`, the policy's starting model, when that names none). Waits until each
+    has loaded its model (`wait`), so no judge's first deadline is spent on startup."""
     names = sorted({s.params.get("engine", "default") for s in cfg.judges.specs if s.kind == "llm"})
+    e = cfg.judges.engine
+    path = e.model_path or model_path
+    max_len = e.max_model_len or cfg.model.max_model_len
+    kv = e.kv_cache_memory_bytes or cfg.rollout.kv_cache_memory_bytes
     opts = actor_options("judge_engine", cfg, max_concurrency=64)
-    engines = {name: JudgeEngine.options(**opts).remote(model_path, max_model_len=cfg.model.max_model_len,
-                                                        seed=cfg.run.seed,
-                                                        kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
+    engines = {name: JudgeEngine.options(**opts).remote(path, max_model_len=max_len, seed=cfg.run.seed,
+                                                        kv_cache_memory_bytes=kv)
                for name in names}
     if wait:
         ray.get([e.ready.remote() for e in engines.values()])

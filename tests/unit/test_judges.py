@@ -352,3 +352,33 @@ def test_autoscale_target_shrinks_one_worker_per_call_and_never_below_min() -> N
     assert autoscale_target(0, 0, 5, 1, 8, 8) == 4
     assert autoscale_target(0, 0, 2, 2, 8, 8) == 2
     assert autoscale_target(0, 16, 2, 1, 8, 8) == 2
+
+
+class _HangJudge:
+    """Never answers until released: a rubric service that accepted the connection and went silent."""
+
+    name, low, high = "hang", 0.0, 1.0
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+
+    def score(self, prompt: Prompt, sample_text: str) -> float:
+        self.release.wait()
+        return 1.0
+
+
+def test_a_hung_judge_times_out_alone_and_never_starves_the_other_judges() -> None:
+    from actors.judge_worker import SampleScorer
+
+    release = threading.Event()
+    specs = [JudgeSpec(name="hang", kind="hang", timeout_s=0.05), JudgeSpec(name="fmt", kind="regex",
+                                                                              params={"pattern": r"\w"}, timeout_s=5.0)]
+    scorer = SampleScorer(specs, concurrency=2, extra_builders={"hang": lambda spec, deps: _HangJudge(release)})
+    try:
+        # many more calls than the worker has threads: every hung call keeps its thread
+        for _ in range(12):
+            hang, fmt = scorer.score_sample(PROMPT, "a kind note.")
+            assert hang.status == "timeout"
+            assert fmt.status == "ok" and fmt.value == 1.0, fmt
+    finally:
+        release.set()
