@@ -102,6 +102,11 @@ class VLLMGrader:
     def ready(self) -> bool:
         return True
 
+    def served_model(self) -> dict[str, Any]:
+        """The model this engine serves, as vLLM loaded it."""
+        mc = self._llm.llm_engine.model_config
+        return {"model": mc.model, "max_model_len": int(mc.max_model_len)}
+
     def grade(self, prompts: list[str], mode: str) -> list[float]:
         """One score in [0, 1] per rubric question, or NaN where a grade reply held no number 0-10."""
         if mode not in MODES:

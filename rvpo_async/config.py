@@ -104,6 +104,32 @@ class JudgeSpec:
 
 
 @dataclass(frozen=True)
+class JudgeEngineConfig:
+    """The vLLM engine(s) serving the 'llm' judges. Unset keys fall back: model_path to the policy's starting
+    model (model.path), max_model_len to model.max_model_len, kv_cache_memory_bytes to the rollout
+    engines', num_cpus and resources to the judge workers' (judges.num_cpus, judges.resources)."""
+
+    model_path: Optional[str] = None  # a local dir or a hub name the cluster can reach
+    max_model_len: Optional[int] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    num_cpus: Optional[float] = None
+    num_gpus: float = 0.0
+    resources: Optional[dict[str, float]] = None
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.model_path is not None and not self.model_path.strip():
+            yield "model_path", "must be a model directory or hub name, or null for the policy's model (model.path)"
+        if self.max_model_len is not None and self.max_model_len < 16:
+            yield "max_model_len", f"must be >= 16, got {self.max_model_len}"
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            yield "kv_cache_memory_bytes", f"must be >= 1, got {self.kv_cache_memory_bytes}"
+        if self.num_cpus is not None and self.num_cpus < 0:
+            yield "num_cpus", f"must be >= 0, got {self.num_cpus}"
+        if self.num_gpus < 0:
+            yield "num_gpus", f"must be >= 0, got {self.num_gpus}"
+
+
+@dataclass(frozen=True)
 class JudgesConfig:
     num_workers: int = 2
     min_workers: int = 1
@@ -115,6 +141,7 @@ class JudgesConfig:
     resources: dict[str, float] = field(default_factory=dict)
     autoscale: bool = False  # follow queue depth within [min_workers, max_workers]
     specs: list[JudgeSpec] = field(default_factory=list)
+    engine: JudgeEngineConfig = field(default_factory=JudgeEngineConfig)  # serves the 'llm' judges
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.min_workers <= self.num_workers <= self.max_workers:

@@ -19,8 +19,12 @@ def actor_options(kind: ActorKind, cfg: Config, **extra: Any) -> dict[str, Any]:
     if kind == "rollout":
         opts: dict[str, Any] = dict(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
                                     resources=dict(cfg.rollout.resources), max_restarts=cfg.rollout.max_restarts)
-    elif kind in ("judge", "judge_engine"):
+    elif kind == "judge":
         opts = dict(num_cpus=cfg.judges.num_cpus, resources=dict(cfg.judges.resources), max_restarts=0)
+    elif kind == "judge_engine":
+        e = cfg.judges.engine
+        opts = dict(num_cpus=cfg.judges.num_cpus if e.num_cpus is None else e.num_cpus, num_gpus=e.num_gpus,
+                    resources=dict(cfg.judges.resources if e.resources is None else e.resources), max_restarts=0)
     elif kind == "learner":
         opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                     resources=dict(cfg.learner.resources), max_restarts=0)

@@ -11,7 +11,7 @@ import ray
 
 from actors.judge_pool import JudgePool, JudgeWorker, create_judge_engines
 from actors.llm_judge import judge_question
-from rvpo_async.config import Config, JudgesConfig, JudgeSpec, ModelConfig
+from rvpo_async.config import Config, JudgesConfig, JudgeSpec, ModelConfig, load_config
 from rvpo_async.types import Prompt, RolloutGroup, Sample
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -64,5 +64,48 @@ def test_judge_engine_grades_in_both_modes_directly_and_through_a_judge_worker(r
         pool.shutdown()
         assert sorted((g, s, j) for g, s, j, _ in entries) == [(7, s, j) for s in (0, 1) for j in range(3)]
         assert all(r.status == "ok" and 0.0 <= r.value <= 1.0 for *_, r in entries)
+    finally:
+        ray.kill(engine)
+
+
+def _yes_probability(model_dir: str, question: str) -> float:
+    """float64 reference: P(yes) / (P(yes) + P(no)) of the next token after the yesno chat prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.llm_judge import _SYSTEM, answer_token_ids
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    msgs = [{"role": "system", "content": _SYSTEM["yesno"]}, {"role": "user", "content": question}]
+    ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+    yes, no = answer_token_ids(tok)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([list(ids)])).logits[0, -1], -1)
+    return float(torch.sigmoid(torch.logsumexp(logp[yes], 0) - torch.logsumexp(logp[no], 0)))
+
+
+def test_llm_judges_are_served_by_the_judge_model_of_judges_engine(ray_local, tiny_model_dir, tmp_path) -> None:
+    """judges.engine.model_path names a judge model other than the policy: the engine loads that model with
+    its own max_model_len, and its yes/no scores are the judge model's, not the policy's."""
+    from rvpo_async.tiny_model import make_tiny_model
+
+    judge_dir = str(make_tiny_model(tmp_path / "judge-model", seed=1))
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "model.max_model_len=256",
+                             f"judges.engine.model_path={judge_dir}", "judges.engine.max_model_len=320",
+                             "judges.engine.kv_cache_memory_bytes=16777216", "judges.engine.num_cpus=0.5"])
+    cfg = dataclasses.replace(cfg, judges=dataclasses.replace(cfg.judges, specs=SPECS[:1]))
+    engines = create_judge_engines(cfg, tiny_model_dir)
+    engine = engines["default"]
+    try:
+        served = ray.get(engine.served_model.remote(), timeout=60)
+        assert served == {"model": judge_dir, "max_model_len": 320}
+        questions = [judge_question("Is the response polite?", PROMPT.text, text, "yesno")
+                     for text in ("the cat likes green tea.", "No.")]
+        got = ray.get(engine.grade.remote(questions, "yesno"), timeout=120)
+        for q, score in zip(questions, got):
+            judge_ref, policy_ref = _yes_probability(judge_dir, q), _yes_probability(tiny_model_dir, q)
+            assert abs(judge_ref - policy_ref) > 1e-3, "the two models must score differently for this test"
+            assert score == pytest.approx(judge_ref, abs=1e-4), (score, judge_ref, policy_ref)
     finally:
         ray.kill(engine)

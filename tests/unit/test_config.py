@@ -146,6 +146,10 @@ def test_wrong_type_names_key_and_expected_type(override, key, expected):
     (["judges.specs=[{name: a}]"], "judges.specs[0].kind"),
     (["algo.staleness_decay=0"], "algo.staleness_decay"),
     (["staleness.max_staleness=-1"], "staleness.max_staleness"),
+    (["judges.engine.max_model_len=8"], "judges.engine.max_model_len"),
+    (["judges.engine.num_gpus=-1"], "judges.engine.num_gpus"),
+    (["judges.engine.model_path=' '"], "judges.engine.model_path"),
+    (["judges.engine.kv_cache_memory_bytes=0"], "judges.engine.kv_cache_memory_bytes"),
 ])
 def test_invalid_value_names_key(overrides, key):
     with pytest.raises(ConfigError) as e:
@@ -243,3 +247,16 @@ def test_configs_folder_ships_configs_when_present():
 def test_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+def test_judge_engine_placement_falls_back_to_the_judge_workers_and_follows_judges_engine():
+    from rvpo_async.placement import actor_options
+
+    base = ["judges.num_cpus=0.5", "judges.resources={rvpo_judge: 1}"]
+    worker = actor_options("judge", load_config(None, base))
+    assert actor_options("judge_engine", load_config(None, base)) == {**worker, "num_gpus": 0.0}
+    own = load_config(None, base + ["judges.engine.num_cpus=4", "judges.engine.num_gpus=1",
+                                    "judges.engine.resources={rvpo_judge_gpu: 1}"])
+    assert actor_options("judge_engine", own) == {"num_cpus": 4.0, "num_gpus": 1.0,
+                                                  "resources": {"rvpo_judge_gpu": 1.0}, "max_restarts": 0}
+    assert actor_options("judge", own) == worker  # the judge workers keep their own options
