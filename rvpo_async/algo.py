@@ -192,8 +192,10 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     """Per-step statistics of ALGORITHM.md section 4 ([B, G, K] in).
 
     mean/std per reward (over valid entries), inter-reward variance var_k(Z) averaged over responses,
-    and the bottleneck share: fraction of responses whose lowest Z is reward k (a tie splits the
-    response equally among the tied rewards, so a group where every reward is constant favours none).
+    the bottleneck share: fraction of responses whose lowest Z is reward k (a tie splits the
+    response equally among the tied rewards, so a group where every reward is constant favours none),
+    and worst_mean: each response's lowest valid raw reward, averaged over responses (the constraint-
+    neglect measure: 1 only when every response meets every reward; meaningful when judges share a range).
     """
     valid = _valid(rewards, mask)
     vf = valid.to(rewards.dtype)
@@ -213,7 +215,9 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     is_min = (zv == zv.min(-1, keepdim=True).values) & valid  # [B, G, K]
     frac = is_min.to(rewards.dtype) / is_min.sum(-1, keepdim=True).clamp_min(1)
     share = frac[has].sum(0) / max(int(has.sum()), 1)
-    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share}
+    worst = torch.where(valid, rewards, torch.full_like(rewards, math.inf)).amin(-1)  # [B, G]
+    worst_mean = worst[has].mean() if bool(has.any()) else torch.zeros((), dtype=rewards.dtype)
+    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share, "worst_mean": worst_mean}
 
 
 def policy_loss(

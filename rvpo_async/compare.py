@@ -44,17 +44,26 @@ def _summarise(results: dict[str, list[dict[str, Any]]], names: Sequence[str]) -
         first = {n: sum(r["report"]["rewards_first_step"][n] for r in runs) / len(runs) for n in names}
         final = {n: sum(r["report"]["rewards"][n] for r in runs) / len(runs) for n in names}
         out[agg] = {"seeds": [r["seed"] for r in runs], "first": first, "final": final,
-                    "min_final": min(final.values()), "mean_final": sum(final.values()) / len(names)}
+                    "min_final": min(final.values()), "mean_final": sum(final.values()) / len(names),
+                    "worst_first": _avg([r["report"].get("worst_reward_first_step") for r in runs]),
+                    "worst_final": _avg([r["report"].get("worst_reward") for r in runs])}
     return out
 
 
+def _avg(xs: Sequence[float | None]) -> float | None:
+    return None if not xs or any(x is None for x in xs) else sum(xs) / len(xs)  # type: ignore[arg-type]
+
+
 def _table(summary: dict[str, Any], names: Sequence[str]) -> str:
-    head = "| aggregator | " + " | ".join(names) + " | mean | min |"
-    sep = "|---" * (len(names) + 3) + "|"
-    lines = ["Final mean reward (last fifth of steps; first step in parentheses)", "", head, sep]
+    head = "| aggregator | " + " | ".join(names) + " | mean | min | lowest per response |"
+    sep = "|---" * (len(names) + 4) + "|"
+    lines = ["Final mean reward (last fifth of steps; first step in parentheses). Lowest per response: each "
+             "response's lowest reward, averaged (1 only when every response meets every reward).", "", head, sep]
     for agg, s in summary.items():
         cells = [f"{s['final'][n]:.3f} ({s['first'][n]:.3f})" for n in names]
-        lines.append(f"| {agg} | " + " | ".join(cells) + f" | {s['mean_final']:.3f} | {s['min_final']:.3f} |")
+        worst = ("-" if s.get("worst_final") is None or s.get("worst_first") is None
+                 else f"{s['worst_final']:.3f} ({s['worst_first']:.3f})")
+        lines.append(f"| {agg} | " + " | ".join(cells) + f" | {s['mean_final']:.3f} | {s['min_final']:.3f} | {worst} |")
     return "\n".join(lines) + "\n"
 
 

@@ -60,6 +60,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("rvpo_reward_inter_variance", "gauge", (),
                "Variance across rewards of the group-normalised reward vector, averaged over responses "
                "(the quantity RVPO penalises)."),
+    MetricSpec("rvpo_reward_worst_mean", "gauge", (),
+               "Each response's lowest reward, averaged over the last learner batch: 1 only when every "
+               "response meets every reward (constraint neglect keeps it low while the means rise)."),
     MetricSpec("rvpo_reward_bottleneck_share", "gauge", ("reward",),
                "Fraction of groups in the last batch where this reward was the minimum."),
     MetricSpec("rvpo_policy_version", "gauge", (), "Version of the learner's weights; +1 per optimiser step."),
@@ -131,6 +134,7 @@ class Metrics:
         self.reward_std = Gauge("rvpo_reward_std", h["rvpo_reward_std"], ["reward"], registry=r)
         self.reward_inter_variance = Gauge("rvpo_reward_inter_variance", h["rvpo_reward_inter_variance"],
                                            registry=r)
+        self.reward_worst_mean = Gauge("rvpo_reward_worst_mean", h["rvpo_reward_worst_mean"], registry=r)
         self.reward_bottleneck_share = Gauge("rvpo_reward_bottleneck_share", h["rvpo_reward_bottleneck_share"],
                                              ["reward"], registry=r)
         self.policy_version = Gauge("rvpo_policy_version", h["rvpo_policy_version"], registry=r)
@@ -163,6 +167,7 @@ class Metrics:
             for reason in FAILURE_REASONS:
                 self.judge_failures.labels(judge=name, reason=reason)
         self.reward_inter_variance.set(math.nan)
+        self.reward_worst_mean.set(math.nan)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Metrics":
@@ -208,9 +213,10 @@ class Metrics:
         self.samples.labels(stage="dropped").inc(_nonneg_int("n", n))
 
     def record_rewards(self, mean: PerReward, std: PerReward, inter_variance: float,
-                       bottleneck_share: PerReward) -> None:
-        """Per-reward statistics of a learner batch: sequences in `reward_names` order, or mappings
-        keyed by reward name (a name outside `reward_names` raises)."""
+                       bottleneck_share: PerReward, worst_mean: float) -> None:
+        """Statistics of a learner batch. Per reward (sequences in `reward_names` order, or mappings keyed
+        by reward name; a name outside `reward_names` raises): mean, std, bottleneck share. Over rewards:
+        the inter-reward variance and the mean of each response's lowest reward."""
         means, stds, shares = (self._per_reward(what, v) for what, v in
                                (("mean", mean), ("std", std), ("bottleneck_share", bottleneck_share)))
         for name in self.reward_names:
@@ -221,6 +227,7 @@ class Metrics:
             if name in shares:
                 self.reward_bottleneck_share.labels(reward=name).set(shares[name])
         self.reward_inter_variance.set(float(inter_variance))
+        self.reward_worst_mean.set(float(worst_mean))
 
     def set_policy_version(self, v: int) -> None:
         self.policy_version.set(_nonneg_int("policy version", v))

@@ -54,6 +54,10 @@ def summarise(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], *, mo
         "rewards_first_step": dict(rows[0]["reward_mean"]) if rows else {},
         "staleness": {"mean": sum(stal) / len(stal) if stal else 0.0, "max": max(stal) if stal else 0},
         "inter_reward_variance_final": last.get("inter_variance"),
+        # each response's lowest reward, averaged: 1 only when every response meets every reward
+        "worst_reward": (sum(r["worst_reward_mean"] for r in tail) / len(tail)
+                         if tail and all("worst_reward_mean" in r for r in tail) else None),
+        "worst_reward_first_step": rows[0].get("worst_reward_mean") if rows else None,
     }
     if extra:
         report.update(extra)
@@ -80,6 +84,9 @@ def write_reports(run_dir: Path, report: dict[str, Any], rows: Sequence[dict[str
         final = report["rewards"].get(n)
         lines.append(f"| {n} | {first:.3f} | {final:.3f} |" if first is not None and final is not None
                      else f"| {n} | - | - |")
+    if report.get("worst_reward") is not None and report.get("worst_reward_first_step") is not None:
+        lines.append(f"| lowest reward per response | {report['worst_reward_first_step']:.3f} | "
+                     f"{report['worst_reward']:.3f} |")
     lines += ["", "Plots: `rewards.png` (each reward over steps), `inter_variance.png` (inter-reward variance).", ""]
     _atomic_write(run_dir / "report.md", "\n".join(lines))
     plot_run(run_dir, rows, reward_names)

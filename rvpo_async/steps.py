@@ -213,6 +213,7 @@ class Stepper:
             "reward_std": {n: float(diag["std"][k]) for k, n in enumerate(names)},
             "bottleneck_share": {n: float(diag["bottleneck_share"][k]) for k, n in enumerate(names)},
             "inter_variance": float(diag["inter_variance"]),
+            "worst_reward_mean": float(diag["worst_mean"]),
             "staleness_values": stal, "group_ids": r["group_ids"], "batch_digest": r["batch_digest"],
             "generated_tokens_total": st.generated_tokens_this_run, "trained_samples_total": st.trained_samples_this_run,
             "train_s": r["train_s"], "sync_s": r["sync_s"],
@@ -229,7 +230,8 @@ class Stepper:
                              is_truncated_ratio=float(ls["is_truncated_frac"]) + float(ls["is_masked_frac"]),
                              is_weight_mean=float(ls["is_weight_mean"]), is_weight_max=float(ls["is_weight_max"]))
             m.record_rewards([row["reward_mean"][n] for n in names], [row["reward_std"][n] for n in names],
-                             row["inter_variance"], [row["bottleneck_share"][n] for n in names])
+                             row["inter_variance"], [row["bottleneck_share"][n] for n in names],
+                             worst_mean=row["worst_reward_mean"])
             m.set_policy_version(st.version)
             m.observe_weight_sync(r["sync_s"])
         bar.update(1)

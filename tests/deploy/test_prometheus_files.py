@@ -182,7 +182,8 @@ def test_prometheus_with_the_shipped_config_scrapes_a_runs_metrics_server(tmp_pa
     metrics_port, prom_port = free_ports(PORT_RANGE, 2)
     m = Metrics(["length", "format"], ["length", "format"])
     m.set_policy_version(3)
-    m.record_rewards(mean=[0.75, 0.5], std=[0.1, 0.2], inter_variance=0.3, bottleneck_share=[0.25, 0.75])
+    m.record_rewards(mean=[0.75, 0.5], std=[0.1, 0.2], inter_variance=0.3, bottleneck_share=[0.25, 0.75],
+                     worst_mean=0.4)
     cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
     # the shipped config, pointed at this test's port and made faster
     cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")

@@ -93,6 +93,8 @@ def test_prometheus_scrapes_a_real_run(tmp_path: Path, tiny_model_dir: str, ray_
         assert len(buckets) > 1
         means = _query(prom_port, "rvpo_reward_mean", at)
         assert sorted(r["metric"]["reward"] for r in means) == sorted(cfg.reward_names)
+        worst = _query(prom_port, "rvpo_reward_worst_mean", at)
+        assert worst and 0.0 <= float(worst[0]["value"][1]) <= min(float(r["value"][1]) for r in means) + 1e-9
         # the learner's importance weights: the engines sample from (nearly) the learner's policy, so the
         # mean weight is near 1 and the largest is at least the mean
         w_mean = _query(prom_port, "rvpo_importance_weight_mean", at)

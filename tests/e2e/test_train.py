@@ -51,6 +51,9 @@ def test_async_run_advances_version_bounds_staleness_and_writes_run_dir(tmp_path
         assert key in report, key
     assert report["mode"] == "async" and report["steps"] == 4 and report["aggregator"] == "rvpo"
     assert set(report["rewards"]) == {"length", "format", "safety", "keyword"}
+    # each response's lowest reward, averaged, can be no higher than the lowest per-reward mean
+    assert all(0.0 <= r["worst_reward_mean"] <= min(r["reward_mean"].values()) + 1e-9 for r in rows)
+    assert 0.0 <= report["worst_reward"] <= min(report["rewards"].values()) + 1e-9
     assert report["samples_per_second"] > 0 and report["generated_tokens_per_second"] > 0
     assert report["staleness"]["max"] <= 1
     assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report))

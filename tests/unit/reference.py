@@ -140,7 +140,8 @@ def weighted_moments(z: np.ndarray, weights=None) -> tuple[np.ndarray, np.ndarra
 def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray | None = None) -> dict:
     """Per reward: mean and (population) std of the raw valid rewards over the batch; inter-reward
     variance of Z over each response's valid rewards, averaged over responses with one or more; the
-    share of those responses whose lowest valid Z is reward k (ties split equally)."""
+    share of those responses whose lowest valid Z is reward k (ties split equally); the mean over those
+    responses of their lowest valid raw reward."""
     r = np.asarray(rewards, dtype=np.float64)
     valid = _as_mask(r, mask)
     k = r.shape[-1]
@@ -150,11 +151,12 @@ def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray |
         if vals.size:
             mean[j], std[j] = vals.mean(), vals.std(ddof=0)
     z = group_normalize(r, eps=eps, mask=mask)
-    variances, lowest = [], []
-    for zn, vn in zip(z.reshape(-1, k), valid.reshape(-1, k)):
+    variances, lowest, worst = [], [], []
+    for zn, rn, vn in zip(z.reshape(-1, k), r.reshape(-1, k), valid.reshape(-1, k)):
         idx = [j for j in range(k) if vn[j]]
         if not idx:
             continue
+        worst.append(min(rn[j] for j in idx))
         variances.append(np.var(zn[idx]))
         zmin = min(zn[j] for j in idx)
         tied = [j for j in idx if zn[j] == zmin]
@@ -165,7 +167,8 @@ def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray |
             share[j] += 1.0 / len(tied)
     share /= max(len(lowest), 1)
     inter = float(np.mean(variances)) if variances else 0.0
-    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share}
+    worst_mean = float(np.mean(worst)) if worst else 0.0
+    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share, "worst_mean": worst_mean}
 
 
 def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, loss_mask, *,

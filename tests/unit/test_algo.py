@@ -334,10 +334,22 @@ def test_reward_diagnostics_match_reference(dtype, masked):
         mask[0, 3, :] = False  # a response with no valid reward
     got = algo.reward_diagnostics(t(r, dtype), mask=None if mask is None else torch.from_numpy(mask))
     want = ref.reward_diagnostics(r, mask=mask)
-    for key in ["mean", "std", "inter_variance"]:
+    for key in ["mean", "std", "inter_variance", "worst_mean"]:
         close(got[key], np.asarray(want[key]), dtype)
     np.testing.assert_allclose(got["bottleneck_share"].double().numpy(), want["bottleneck_share"], atol=1e-12)
     assert float(got["bottleneck_share"].sum()) == pytest.approx(1.0)
+
+
+def test_worst_mean_is_one_only_when_every_response_meets_every_reward():
+    met = torch.ones(2, 4, 3, dtype=torch.float64)
+    assert float(algo.reward_diagnostics(met)["worst_mean"]) == 1.0
+    one_miss = met.clone()
+    one_miss[1, 2, 0] = 0.0  # one response of eight fails one reward: the per-reward means barely move
+    d = algo.reward_diagnostics(one_miss)
+    assert float(d["worst_mean"]) == pytest.approx(7 / 8)
+    assert float(d["mean"].min()) == pytest.approx(7 / 8) and float(d["mean"].mean()) == pytest.approx(23 / 24)
+    # a masked entry does not count as a failure
+    assert float(algo.reward_diagnostics(one_miss, mask=one_miss > 0)["worst_mean"]) == 1.0
 
 
 def test_bottleneck_share_splits_ties_equally_so_constant_groups_favour_no_reward():

@@ -24,6 +24,7 @@ REQUIRED = {
     "rvpo_reward_std": ("gauge", {"reward"}),
     "rvpo_reward_inter_variance": ("gauge", set()),
     "rvpo_reward_bottleneck_share": ("gauge", {"reward"}),
+    "rvpo_reward_worst_mean": ("gauge", set()),
     "rvpo_policy_version": ("gauge", set()),
     "rvpo_staleness": ("histogram", set()),
     "rvpo_buffer_groups": ("gauge", {"state"}),
@@ -46,7 +47,7 @@ def _record_everything(m: Metrics) -> None:
                      is_truncated_ratio=0.05, is_weight_mean=1.02, is_weight_max=3.5)
     m.record_dropped(3)
     m.record_rewards(mean=[0.9, 0.5, 0.1], std=[0.1, 0.2, 0.3], inter_variance=0.4,
-                     bottleneck_share=[0.0, 0.25, 0.75])
+                     bottleneck_share=[0.0, 0.25, 0.75], worst_mean=0.05)
     m.set_policy_version(7)
     m.set_buffer(pending=4, ready=2)
     m.observe_judge("length", 0.002, "ok")
@@ -96,6 +97,7 @@ def test_recorded_values_appear_in_render() -> None:
     assert _samples(m, "rvpo_reward_mean")[(("reward", "required_word"),)] == pytest.approx(0.1)
     assert _samples(m, "rvpo_reward_bottleneck_share")[(("reward", "format"),)] == pytest.approx(0.25)
     assert _samples(m, "rvpo_policy_version") == {(): 7}
+    assert _samples(m, "rvpo_reward_worst_mean") == {(): pytest.approx(0.05)}
     assert _samples(m, "rvpo_importance_weight_truncated_ratio") == {(): pytest.approx(0.05)}
     assert _samples(m, "rvpo_importance_weight_mean") == {(): pytest.approx(1.02)}
     assert _samples(m, "rvpo_importance_weight_max") == {(): pytest.approx(3.5)}
@@ -128,14 +130,16 @@ def test_labelled_series_exist_at_zero_before_any_event() -> None:
 def test_unknown_reward_name_raises() -> None:
     m = Metrics(REWARDS, REWARDS)
     with pytest.raises(ValueError, match="unknown reward name 'helpfulness'.*configured reward names"):
-        m.record_rewards(mean={"helpfulness": 1.0}, std={}, inter_variance=0.0, bottleneck_share={})
+        m.record_rewards(mean={"helpfulness": 1.0}, std={}, inter_variance=0.0, bottleneck_share={},
+                         worst_mean=0.0)
     assert (("reward", "helpfulness"),) not in _samples(m, "rvpo_reward_mean")
 
 
 def test_reward_lists_must_have_one_value_per_configured_reward() -> None:
     m = Metrics(REWARDS, REWARDS)
     with pytest.raises(ValueError, match="one value per reward"):
-        m.record_rewards(mean=[1.0, 2.0], std=[0.0, 0.0, 0.0], inter_variance=0.0, bottleneck_share=[0, 0, 1])
+        m.record_rewards(mean=[1.0, 2.0], std=[0.0, 0.0, 0.0], inter_variance=0.0, bottleneck_share=[0, 0, 1],
+                         worst_mean=0.0)
 
 
 def test_unknown_judge_name_raises() -> None:
