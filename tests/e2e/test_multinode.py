@@ -121,12 +121,13 @@ def one_judge_node(multinode: MultiNode):
         multinode.remove_judge_node(multinode.judge_nodes[-1])
 
 
-def actor_nodes() -> list[tuple[str, str, str, str]]:
-    """(class name, actor id, node id, state) of every placed actor the cluster knows of."""
+def actor_nodes(address: str) -> list[tuple[str, str, str, str]]:
+    """(class name, actor id, node id, state) of every placed actor the cluster at `address` knows of (named:
+    without it the state API looks for the machine's one Ray instance, and fails when there are two)."""
     from ray.util.state import list_actors
 
     return [(a.class_name, a.actor_id, a.node_id, a.state)
-            for a in list_actors(limit=10_000, raise_on_missing_output=False) if a.node_id]
+            for a in list_actors(address=address, limit=10_000, raise_on_missing_output=False) if a.node_id]
 
 
 def node_of(handle: Any) -> str:
@@ -171,7 +172,7 @@ class Watcher:
     def _alive_judges(self) -> Counter:
         """Checks placement of every actor seen so far; returns alive judge workers per node."""
         alive: Counter = Counter()
-        for cls, aid, node, state in actor_nodes():
+        for cls, aid, node, state in actor_nodes(self.mn.cluster.address):
             role = ROLES.get(cls)
             if role is None:
                 continue
