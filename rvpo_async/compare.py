@@ -68,19 +68,24 @@ def _table(summary: dict[str, Any], names: Sequence[str]) -> str:
 
 
 def _plot(results: dict[str, list[dict[str, Any]]], names: Sequence[str], path: Path) -> None:
+    """One panel per reward, and a last one for each response's lowest reward (when the rows carry it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
-    for k, n in enumerate(names):
+    worst = all("worst_reward_mean" in row for runs in results.values() for r in runs for row in r["rows"])
+    panels = [(n, lambda row, n=n: row["reward_mean"][n]) for n in names]
+    if worst:
+        panels.append(("lowest reward per response", lambda row: row["worst_reward_mean"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for k, (title, value) in enumerate(panels):
         ax = axes[0][k]
         for agg, runs in results.items():
             steps = min(len(r["rows"]) for r in runs)
-            mean = [sum(r["rows"][i]["reward_mean"][n] for r in runs) / len(runs) for i in range(steps)]
+            mean = [sum(value(r["rows"][i]) for r in runs) / len(runs) for i in range(steps)]
             ax.plot(range(1, steps + 1), mean, label=agg)
-        ax.set_title(n)
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylim(-0.05, 1.05)
     axes[0][0].set_ylabel("mean reward (averaged over seeds)")

@@ -42,3 +42,17 @@ def test_study_table_averages_seeds_and_shows_the_lowest_reward_per_response() -
     table = _table(summary, NAMES)
     assert "lowest per response" in table.splitlines()[2]
     assert table.splitlines()[4].endswith("| 0.700 (0.700) |")
+
+
+def test_study_plot_has_a_panel_per_reward_and_one_for_the_lowest_reward(tmp_path) -> None:
+    import matplotlib.image
+
+    from rvpo_async.compare import _plot
+
+    results = {agg: [{"seed": 0, "rows": _rows(5, [0.2] * 5)}] for agg in ("mean", "rvpo")}
+    _plot(results, NAMES, tmp_path / "with.png")
+    for runs in results.values():
+        del runs[0]["rows"][0]["worst_reward_mean"]
+    _plot(results, NAMES, tmp_path / "without.png")
+    width = {k: matplotlib.image.imread(tmp_path / f"{k}.png").shape[1] for k in ("with", "without")}
+    assert width["with"] == pytest.approx(width["without"] * 3 / 2, rel=0.02)  # 3 panels vs 2, 4 inches each
