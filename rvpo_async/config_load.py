@@ -15,8 +15,6 @@ from typing import Any, Literal
 
 import yaml
 
-from rvpo_async.config import Config, ConfigError
-
 # YAML 1.1 reads 1e-4 (no dot) as a string; accept such strings where a number is expected
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -162,3 +160,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# rvpo_async.config re-exports this module's functions from its last line, and these two names are used
+# only when a function runs: importing them last lets either module be imported first
+from rvpo_async.config import Config, ConfigError  # noqa: E402
