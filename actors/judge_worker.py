@@ -61,10 +61,10 @@ def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> 
     of `judges.engine` (`model_path`, the policy's starting model, when that names none). Waits until each
     has loaded its model (`wait`), so no judge's first deadline is spent on startup."""
     names = sorted({s.params.get("engine", "default") for s in cfg.judges.specs if s.kind == "llm"})
-    e = cfg.judges.engine
-    path = e.model_path or model_path
-    max_len = e.max_model_len or cfg.model.max_model_len
-    kv = e.kv_cache_memory_bytes or cfg.rollout.kv_cache_memory_bytes
+    judge_model = cfg.judges.engine
+    path = judge_model.model_path or model_path
+    max_len = judge_model.max_model_len or cfg.model.max_model_len
+    kv = judge_model.kv_cache_memory_bytes or cfg.rollout.kv_cache_memory_bytes
     opts = actor_options("judge_engine", cfg, max_concurrency=64)
     engines = {name: JudgeEngine.options(**opts).remote(path, max_model_len=max_len, seed=cfg.run.seed,
                                                         kv_cache_memory_bytes=kv)

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,24 +17,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rvpo_async.config import MetricsConfig
 from ports import free_ports
+from prometheus_server import prometheus, query, tool
 from rvpo_async.metrics import METRICS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "rvpo-dashboard.json"
 PORT_RANGE = range(21110, 21120)  # this suite's ports; tests/unit/test_metrics.py uses 21100-21109
-MISSING = "{program} not found on PATH: run `make system-deps` (installs Debian's prometheus package, with promtool)"
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(MISSING.format(program=name))
-    return path
-
-
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_tool("promtool"), *args], cwd=PROM, capture_output=True, text=True, timeout=120)
+    return subprocess.run([tool("promtool"), *args], cwd=PROM, capture_output=True, text=True, timeout=120)
 
 
 # ---------------------------------------------------------------- PromQL metric names
@@ -171,56 +159,33 @@ def test_dashboard_draws_one_series_per_reward_for_the_reward_panels() -> None:
 
 # ---------------------------------------------------------------- a real Prometheus
 
-def _query(port: int, q: str) -> list[dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())["data"]["result"]
-
-
 def test_prometheus_with_the_shipped_config_scrapes_a_runs_metrics_server(tmp_path: Path) -> None:
-    prometheus = _tool("prometheus")
     metrics_port, prom_port = free_ports(PORT_RANGE, 2)
     m = Metrics(["length", "format"], ["length", "format"])
     m.set_policy_version(3)
     m.record_rewards(mean=[0.75, 0.5], std=[0.1, 0.2], inter_variance=0.3, bottleneck_share=[0.25, 0.75],
                      worst_mean=0.4)
-    cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
-    # the shipped config, pointed at this test's port and made faster
-    cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    cfg["scrape_configs"][0].update(scrape_interval="1s",
-                                    static_configs=[{"targets": [f"127.0.0.1:{metrics_port}"]}])
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    shutil.copy(PROM / "alerts.yml", tmp_path / "alerts.yml")
     server = m.start_http_server("127.0.0.1", metrics_port)
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        version: list[dict[str, Any]] = []
-        bound: list[dict[str, Any]] = []
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                version = _query(prom_port, "rvpo_policy_version")
-                bound = _query(prom_port, "rvpo:staleness_bound")
-            except OSError:
-                pass
-            if version and bound:
-                break
-            time.sleep(0.5)
-        assert version, f"no rvpo_policy_version scraped; log:\n{(tmp_path / 'prometheus.log').read_text()[-3000:]}"
-        assert version[0]["value"][1] == "3" and version[0]["metric"]["job"] == "rvpo"
-        assert bound and bound[0]["value"][1] == "2"  # alerts.yml's recording rules were loaded
-        means = {r["metric"]["reward"]: float(r["value"][1]) for r in _query(prom_port, "rvpo_reward_mean")}
-        assert means == {"length": 0.75, "format": 0.5}
+        # the shipped config and alert rules, pointed at this test's port and made faster
+        with prometheus(tmp_path, metrics_port, prom_port, rules=True) as proc:
+            deadline = time.monotonic() + 30
+            version: list[dict[str, Any]] = []
+            bound: list[dict[str, Any]] = []
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    version = query(prom_port, "rvpo_policy_version")
+                    bound = query(prom_port, "rvpo:staleness_bound")
+                except OSError:
+                    pass
+                if version and bound:
+                    break
+                time.sleep(0.5)
+            assert version, f"no rvpo_policy_version scraped; log:\n{(tmp_path / 'prometheus.log').read_text()[-3000:]}"
+            assert version[0]["value"][1] == "3" and version[0]["metric"]["job"] == "rvpo"
+            assert bound and bound[0]["value"][1] == "2"  # alerts.yml's recording rules were loaded
+            means = {r["metric"]["reward"]: float(r["value"][1]) for r in query(prom_port, "rvpo_reward_mean")}
+            assert means == {"length": 0.75, "format": 0.5}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         server.shutdown()
         server.server_close()

@@ -3,20 +3,15 @@ throughput, inter-reward variance, staleness histogram and one reward-mean serie
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from ports import free_ports
+from prometheus_server import prometheus, query
 from rvpo_async.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -25,31 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PORTS = range(21500, 21520)
 
 
-def _query(port: int, q: str, at: float) -> list[dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q, "time": f"{at:.3f}"})
-    with urllib.request.urlopen(url, timeout=10) as r:
-        body = json.loads(r.read())
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
 def test_prometheus_scrapes_a_real_run(tmp_path: Path, tiny_model_dir: str, ray_local: Any) -> None:
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.fail("Debian's prometheus is not installed: run `make system-deps` (apt-get install prometheus)")
     from rvpo_async.driver import train
 
     metrics_port, prom_port = free_ports(PORTS, 2)
-    prom_cfg = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    prom_cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    prom_cfg["scrape_configs"][0].update(scrape_interval="1s",
-                                         static_configs=[{"targets": [f"127.0.0.1:{metrics_port}"]}])
-    prom_cfg.pop("rule_files", None)
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom_cfg))
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=subprocess.STDOUT)
     run = tmp_path / "run"
     cfg = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), [
         f"run.output_dir={run}", f"model.path={tiny_model_dir}", "run.steps=400", "run.progress=false",
@@ -65,7 +39,7 @@ def test_prometheus_scrapes_a_real_run(tmp_path: Path, tiny_model_dir: str, ray_
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                if _query(prom_port, "rvpo_policy_version > 3", time.time()):
+                if query(prom_port, "rvpo_policy_version > 3", time.time()):
                     time.sleep(6)
                     scraped_during_run.append(time.time())
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -76,37 +50,29 @@ def test_prometheus_scrapes_a_real_run(tmp_path: Path, tiny_model_dir: str, ray_
 
     watcher = threading.Thread(target=stop_after_scrapes, daemon=True)
     watcher.start()
-    try:
+    with prometheus(tmp_path, metrics_port, prom_port, rules=False):
         from rvpo_async.driver import Interrupted
 
         with pytest.raises(Interrupted):
             train(cfg)
         assert scraped_during_run, f"Prometheus never saw the run; log:\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}"
         at = scraped_during_run[0]
-        rate = _query(prom_port, "rate(rvpo_generated_tokens_total[10s])", at)
+        rate = query(prom_port, "rate(rvpo_generated_tokens_total[10s])", at)
         assert rate and float(rate[0]["value"][1]) > 0
-        inter = _query(prom_port, "count_over_time(rvpo_reward_inter_variance[30s])", at)
+        inter = query(prom_port, "count_over_time(rvpo_reward_inter_variance[30s])", at)
         assert inter and float(inter[0]["value"][1]) > 0
-        stal = _query(prom_port, "sum(rvpo_staleness_count)", at)
+        stal = query(prom_port, "sum(rvpo_staleness_count)", at)
         assert stal and float(stal[0]["value"][1]) > 0
-        buckets = _query(prom_port, "rvpo_staleness_bucket", at)
+        buckets = query(prom_port, "rvpo_staleness_bucket", at)
         assert len(buckets) > 1
-        means = _query(prom_port, "rvpo_reward_mean", at)
+        means = query(prom_port, "rvpo_reward_mean", at)
         assert sorted(r["metric"]["reward"] for r in means) == sorted(cfg.reward_names)
-        worst = _query(prom_port, "rvpo_reward_worst_mean", at)
+        worst = query(prom_port, "rvpo_reward_worst_mean", at)
         assert worst and 0.0 <= float(worst[0]["value"][1]) <= min(float(r["value"][1]) for r in means) + 1e-9
         # the learner's importance weights: the engines sample from (nearly) the learner's policy, so the
         # mean weight is near 1 and the largest is at least the mean
-        w_mean = _query(prom_port, "rvpo_importance_weight_mean", at)
-        w_max = _query(prom_port, "rvpo_importance_weight_max", at)
+        w_mean = query(prom_port, "rvpo_importance_weight_mean", at)
+        w_max = query(prom_port, "rvpo_importance_weight_max", at)
         assert w_mean and w_max
         assert 0.5 < float(w_mean[0]["value"][1]) < 2.0
         assert float(w_max[0]["value"][1]) >= float(w_mean[0]["value"][1]) * (1 - 1e-6)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
