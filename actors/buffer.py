@@ -72,6 +72,19 @@ class BufferActor:
                 self._room.notify_all()
         return table
 
+    async def discard_admitted_from(self, first_group_id: int) -> int:
+        async with self._room:
+            n = self._buf.discard_admitted_from(first_group_id)
+            if n:
+                self._room.notify_all()
+        return n
+
+    async def ready_group_ids(self) -> list[int]:
+        return self._buf.ready_group_ids()
+
+    async def take_dropped_ids(self) -> list[int]:
+        return self._buf.take_dropped_ids()
+
     async def has_room(self) -> bool:
         return self._buf.has_room()
 

@@ -213,7 +213,7 @@ def train(cfg: Config) -> dict[str, Any]:
         stepper = Stepper(p, state, run_dir)
         if cfg.run.resume:
             stepper.resume()
-        steplog = StepLog(run_dir, append=cfg.run.resume)
+        steplog = StepLog(run_dir, append=cfg.run.resume, through_step=state.step)
         stepper.steplog = steplog
         t_start = time.perf_counter()
         with _progress(cfg) as bar:

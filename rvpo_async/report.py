@@ -11,11 +11,16 @@ from typing import Any, Sequence
 class StepLog:
     """Appends one JSON object per training step to <run>/metrics.jsonl (flushed each step)."""
 
-    def __init__(self, run_dir: Path, append: bool = False) -> None:
+    def __init__(self, run_dir: Path, append: bool = False, through_step: int | None = None) -> None:
+        """append: continue a resumed run's file, keeping its rows up to `through_step` (the checkpoint's
+        step): rows a crashed run wrote after its last checkpoint describe steps the resume trains again."""
         self.path = run_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         if append and self.path.is_file():
             self.rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+            if through_step is not None and any(r.get("step", 0) > through_step for r in self.rows):
+                self.rows = [r for r in self.rows if r.get("step", 0) <= through_step]
+                _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._fh = open(self.path, "a" if append else "w")
 
     def write(self, row: dict[str, Any]) -> None:

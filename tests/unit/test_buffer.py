@@ -278,3 +278,28 @@ def test_state_dict_round_trips_through_json() -> None:
     other.load_state_dict(json.loads(json.dumps(buf.state_dict())))
     assert other.state_dict() == buf.state_dict()
     assert other.stats()["rows_pulled"] == 2
+
+
+def test_groups_admitted_after_a_checkpoint_are_dropped_counted_and_their_ids_reusable(tmp_path) -> None:
+    d = str(tmp_path / "buf")
+    buf = ready_buffer([1, 2, 5, 6], persist_dir=d, versions={5: 3, 6: 3})
+    restored = GroupBuffer.restore(d, JUDGES, 2, 8, 2)
+    assert restored.discard_admitted_from(5) == 2
+    assert restored.ready_group_ids() == [1, 2]
+    assert restored.stats()["dropped"]["after_checkpoint"] == 2
+    assert sorted(restored.take_dropped_ids()) == [5, 6] and restored.take_dropped_ids() == []
+    # the replay admits the same ids again
+    restored.add_group(make_group(5))
+    fill(restored, 5)
+    assert pulled_ids(restored.pull(8, 0)) == [1, 2, 5]
+    # and a later restore does not bring the dropped copies back
+    again = GroupBuffer.restore(d, JUDGES, 2, 8, 2)
+    assert again.ready_group_ids() == [] and buf.stats()["groups"]["ready"] == 4
+
+
+def test_stale_drops_are_reported_once_by_id() -> None:
+    buf = ready_buffer([1, 2], versions={1: 0, 2: 3})
+    assert buf.evict_stale(3) == 1
+    assert buf.take_dropped_ids() == [1]
+    assert buf.take_dropped_ids() == []
+    assert pulled_ids(buf.pull(2, 3)) == [2] and buf.take_dropped_ids() == []
