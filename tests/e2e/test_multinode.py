@@ -5,7 +5,8 @@ rvpo_judge. All nodes run on this machine (ray.cluster_utils.Cluster).
 The first test runs the job and, while it runs, checks where every actor lives, grows the judge pool onto
 an added judge node (rvpo-async scale-judges), shrinks it, and removes the judge node that holds the one
 worker left, as when a judge pod is preempted: the run loses no reward entry and no group. The second drives
-a JudgePool directly with a slow judge and measures its throughput before and after adding a judge node.
+a JudgePool directly with a slow judge, grows it onto an added judge node and checks that the new workers
+there take part of the work (the throughput it prints is for reading, not asserted).
 
 A judge node here offers two judge slots ({rvpo_judge: 2}), not the four of the KubeRay judge pod: a judge
 worker asks for rvpo_judge 1, so a pool of three no longer fits one judge node and the third worker can only
@@ -357,7 +358,7 @@ def score_backlog(pool: Any, groups: list[RolloutGroup], k: int) -> tuple[float,
     return expected / (time.perf_counter() - t0), got
 
 
-def test_judge_throughput_rises_with_workers_on_an_added_judge_node(one_judge_node):
+def test_judge_pool_grown_onto_an_added_judge_node_spreads_the_work_over_its_workers(one_judge_node):
     from actors.judge_pool import JudgePool
 
     mn = one_judge_node
@@ -388,7 +389,7 @@ def test_judge_throughput_rises_with_workers_on_an_added_judge_node(one_judge_no
     assert {mn.role_of(n) for n in [*first.values(), *nodes.values()]} == {"judge"}
     new_workers = {wid: n for wid, n in nodes.items() if wid not in first}
     assert len(new_workers) == 2 and added.node_id in new_workers.values(), (nodes, added.node_id)
-    assert three > 1.5 * one, f"{one:.2f} samples/s with 1 worker, {three:.2f} with 3"
+    # how much faster three workers are is a benchmark's question (printed above), not an assertion here
     for got in (got1, got3):
         assert len(got) == 24
         assert all(e.status == "ok" for entries in got.values() for e in entries.values())
