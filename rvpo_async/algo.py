@@ -84,15 +84,65 @@ def group_normalize(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     return z
 
 
-def _weights(k: int, weights: Sequence[float] | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+Weights = Sequence[float] | Sequence[Sequence[float]] | torch.Tensor | None
+
+
+def _weights(z: torch.Tensor, weights: Weights, like: torch.Tensor) -> torch.Tensor:
+    """Weights shaped to broadcast against z ([..., K]): [K] for every response, [B, K] per prompt
+    (z [B, G, K]; returned as [B, 1, K]) or z's own shape per response."""
+    k = z.shape[-1]
     if weights is None:
         return torch.ones(k, dtype=like.dtype, device=like.device)
     w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
-    if w.shape != (k,):
-        raise ValueError(f"weights must have one entry per reward ({k}), got shape {tuple(w.shape)}")
+    per_prompt = tuple(z.shape[:-2]) + (k,) if z.dim() >= 2 else None
+    if w.dim() == 1:
+        if w.shape != (k,):
+            raise ValueError(f"weights must have one entry per reward ({k}), got shape {tuple(w.shape)}")
+    elif tuple(w.shape) == per_prompt:
+        w = w.unsqueeze(-2)  # [B, 1, K]: one row per prompt, shared by its group
+    elif w.shape != z.shape:
+        raise ValueError(f"weights must have one entry per reward: shape ({k},), {per_prompt} (per prompt) or "
+                         f"{tuple(z.shape)} (per response), got shape {tuple(w.shape)}")
     if bool((w < 0).any()) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
+        shown = w.tolist() if w.numel() <= 32 else f"a {tuple(w.shape)} tensor"
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {shown}")
     return w
+
+
+def rubric_weights(points: torch.Tensor, mask: torch.Tensor,
+                   mode: Literal["uniform", "points"] = "uniform") -> torch.Tensor:
+    """[B, K] per-prompt criterion weights summing to 1 over each prompt's present criteria.
+
+    `points`: [B, K] points or weights of each prompt's criteria (a negative value marks a pitfall; its
+    magnitude is its importance). `mask`: [B, K] (or [B, G, K], reduced to the slots any response of the
+    group has) True where the prompt has a criterion. `uniform` gives 1/M to each of the M present
+    criteria (the RVPO paper's formula); `points` gives |points| / sum |points| (HealthBench scoring).
+    Absent slots get 0, and a prompt without present criteria a row of zeros.
+    """
+    if mode not in ("uniform", "points"):
+        raise ValueError(f"rubric weight mode must be 'uniform' or 'points', got {mode!r}")
+    m = mask.to(torch.bool)
+    if m.dim() == 3:
+        m = m.any(1)  # [B, K]
+    if points.dim() != 2 or m.shape != points.shape:
+        raise ValueError(f"points must be [B, K] and mask [B, K] or [B, G, K] over the same slots, got "
+                         f"{tuple(points.shape)} and {tuple(mask.shape)}")
+    dtype = points.dtype if points.is_floating_point() else torch.float64
+    if mode == "uniform":
+        mag = m.to(dtype)
+    else:
+        p = points.to(dtype)
+        bad = m & ~torch.isfinite(p)
+        if bool(bad.any()):
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"points of prompt row {b}, criterion slot {j} is {float(p[b, j])}: not a finite number")
+        mag = torch.where(m, p.abs(), torch.zeros_like(p))
+        dead = m.any(-1) & (mag.sum(-1) <= 0)
+        if bool(dead.any()):
+            b = int(dead.nonzero()[0])
+            raise ValueError(f"points of prompt row {b} are all zero over its present criteria: no weight to give")
+    total = mag.sum(-1, keepdim=True)
+    return torch.where(total > 0, mag / total.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(mag))
 
 
 def _masked_normalised_weights(w: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -144,13 +194,17 @@ AGGREGATORS = {
 }
 
 
-def aggregate(z: torch.Tensor, method: str, *, k_risk: float = 1.0,
-              weights: Sequence[float] | torch.Tensor | None = None, beta: float = 0.5,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[..., K] normalised rewards -> [...] per-response score with the named operator."""
+def aggregate(z: torch.Tensor, method: str, *, k_risk: float = 1.0, weights: Weights = None,
+              beta: float = 0.5, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., K] normalised rewards -> [...] per-response score with the named operator.
+
+    `weights`: [K], [B, K] (per prompt, z [B, G, K]) or z's shape (per response). rvpo and rvpo_explicit
+    renormalise them over each response's valid rewards; gdpo sums w_k Z_k over them as given (Z = 0 where
+    masked); min keeps the valid rewards of positive weight.
+    """
     if method not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {method!r}; valid: {sorted(AGGREGATORS)}")
-    w = _weights(z.shape[-1], weights, z)
+    w = _weights(z, weights, z)
     valid = _valid(z, mask)
     return AGGREGATORS[method](z, w, valid, k_risk=k_risk, beta=beta)
 
@@ -162,18 +216,19 @@ def batch_normalize(a: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     return (a - flat.mean()) / (flat.std() + eps)
 
 
-def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0,
-               weights: Sequence[float] | torch.Tensor | None = None, beta: float = 0.5,
+def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0, weights: Weights = None,
+               beta: float = 0.5,
                batch_norm: bool = True, eps: float = DEFAULT_EPS,
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, G, K] rewards -> [B, G] sequence-level advantages.
 
     `mean` is GRPO (group-normalised weighted sum, never batch-normalised); the other methods
-    group-normalise each reward, aggregate, then batch-normalise when `batch_norm`.
+    group-normalise each reward, aggregate, then batch-normalise when `batch_norm`. `weights`: [K], [B, K]
+    (per prompt, e.g. from `rubric_weights`) or [B, G, K], as in `aggregate`.
     """
     check_rewards(rewards, mask=mask)
     if method == "mean":
-        w = _weights(rewards.shape[-1], weights, rewards)
+        w = _weights(rewards, weights, rewards)
         valid = _valid(rewards, mask)
         # a masked entry takes its reward's valid group mean, so it neither helps nor hurts
         vf = valid.to(rewards.dtype)

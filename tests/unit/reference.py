@@ -1,5 +1,7 @@
 """Plain float64 NumPy/SciPy references for the math of rvpo_async.algo (ALGORITHM.md sections 1-4).
 
+Weights are [K] (every response), [B, K] (per prompt) or [B, G, K] (per response).
+
 Written for clarity, not speed: explicit loops over groups, rewards and responses. Masks are boolean
 arrays of the rewards' shape; True marks an entry that counts.
 
@@ -21,6 +23,31 @@ def _as_mask(rewards: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 def _weights(k: int, weights) -> np.ndarray:
     return np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
+
+
+def _response_weights(shape: tuple[int, ...], weights) -> np.ndarray:
+    """Weights of every response, [..., K] of `shape`: [K] for all, [B, K] per prompt, or one row per response."""
+    w = _weights(shape[-1], weights)
+    if w.ndim > 1 and w.shape != shape:  # [B, K] per prompt: each member of group b takes row b
+        w = w[..., None, :]
+    return np.broadcast_to(w, shape)
+
+
+def rubric_weights(points: np.ndarray, present: np.ndarray, mode: str) -> np.ndarray:
+    """[B, K]: per prompt, 1/M (uniform) or |points| / sum |points| over its M present criteria; 0 elsewhere."""
+    points = np.asarray(points, dtype=np.float64)
+    present = np.asarray(present, dtype=bool)
+    if present.ndim == 3:
+        present = present.any(axis=1)
+    out = np.zeros(points.shape)
+    for b in range(points.shape[0]):
+        idx = [j for j in range(points.shape[1]) if present[b, j]]
+        if not idx:
+            continue
+        mags = [1.0 if mode == "uniform" else abs(points[b, j]) for j in idx]
+        for j, m in zip(idx, mags):
+            out[b, j] = m / sum(mags)
+    return out
 
 
 def group_normalize(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray | None = None) -> np.ndarray:
@@ -73,12 +100,12 @@ def aggregate(z: np.ndarray, method: str, *, k_risk: float = 1.0, weights=None, 
     """[..., K] -> [...], one response at a time."""
     z = np.asarray(z, dtype=np.float64)
     valid = _as_mask(z, mask)
-    w = _weights(z.shape[-1], weights)
+    flat_w = _response_weights(z.shape, weights).reshape(-1, z.shape[-1])
     flat_z = z.reshape(-1, z.shape[-1])
     flat_v = valid.reshape(-1, z.shape[-1])
     out = np.empty(flat_z.shape[0])
     for n in range(flat_z.shape[0]):
-        zn, vn = flat_z[n], flat_v[n]
+        zn, vn, w = flat_z[n], flat_v[n], flat_w[n]
         if method == "gdpo":
             out[n] = agg_gdpo(zn, w, vn)
         elif method == "rvpo":
@@ -104,7 +131,7 @@ def grpo_mean(rewards: np.ndarray, weights=None, eps: float = EPS, mask: np.ndar
     """GRPO: group-normalise s = sum_k w_k r_k; a masked entry takes its reward's valid group mean."""
     r = np.asarray(rewards, dtype=np.float64)
     valid = _as_mask(r, mask)
-    w = _weights(r.shape[-1], weights)
+    w = _response_weights(r.shape, weights)
     b, g, k = r.shape
     s = np.zeros((b, g, 1))
     for i in range(b):
@@ -114,7 +141,8 @@ def grpo_mean(rewards: np.ndarray, weights=None, eps: float = EPS, mask: np.ndar
             fill = r[i, idx, j].mean() if idx else 0.0
             for n in range(g):
                 filled[n, j] = r[i, n, j] if valid[i, n, j] else fill
-        s[i, :, 0] = filled @ w
+        for n in range(g):
+            s[i, n, 0] = filled[n] @ w[i, n]
     return group_normalize(s, eps=eps)[..., 0]
 
 
