@@ -292,19 +292,28 @@ def policy_loss(
     staleness: torch.Tensor | None = None,
     staleness_decay: float = 1.0,
     clip: bool = True,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-mean decoupled-PPO loss.
 
-    Shapes: logprobs, proximal_logprobs, behaviour_logprobs, loss_mask: [N, L]; advantages: [N];
+    Shapes: logprobs, proximal_logprobs, behaviour_logprobs, loss_mask, ref_logprobs: [N, L]; advantages: [N];
     staleness: [N] (policy versions behind the learner), optional.
 
     loss_t = -w_t * min(u_t A, clip(u_t, 1 - eps_low, 1 + eps_high) A), u_t = pi_theta / pi_prox,
     w_t = pi_prox / mu (detached), controlled by `is_mode`, times staleness_decay ** s.
+    With kl_coef > 0 each token adds kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1 (the k3 estimate of
+    KL(pi_theta || pi_ref), unbiased under samples of pi_theta and >= 0), in the same token mean; kl_coef = 0
+    computes nothing and ignores ref_logprobs.
     """
     if is_mode not in ("truncate", "mask", "none"):
         raise ValueError(f"is_mode must be one of truncate, mask, none; got {is_mode!r}")
     if not 0 < staleness_decay <= 1:
         raise ValueError(f"staleness_decay must be in (0, 1], got {staleness_decay}")
+    if not kl_coef >= 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs, the reference model's log-probs of the same tokens")
     m = loss_mask.to(logprobs.dtype)
     mb = m > 0  # [N, L]
     n_tok = m.sum().clamp_min(1)
@@ -342,6 +351,12 @@ def policy_loss(
     else:
         surr = surr1
     loss = -(w * surr * m).sum() / n_tok
+    kl_ref = None
+    if kl_coef > 0:
+        assert ref_logprobs is not None
+        d = torch.where(mb, ref_logprobs.detach().to(logprobs.dtype), zero) - logprobs  # [N, L], 0 on padding
+        kl_ref = ((d.exp() - d - 1) * m).sum() / n_tok
+        loss = loss + kl_coef * kl_ref
 
     with torch.no_grad():
         clipped = (surr2 < surr1) if clip else torch.zeros_like(keep)
@@ -358,4 +373,6 @@ def policy_loss(
             "kl_behaviour": float((kl_k3 * m).sum() / n_tok),
             "tokens": float(m.sum()),
         }
+        if kl_ref is not None:
+            stats["kl_ref"] = float(kl_ref.detach())
     return loss, stats

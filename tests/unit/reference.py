@@ -202,13 +202,17 @@ def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray |
 def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, loss_mask, *,
                 clip_eps_low: float = 0.2, clip_eps_high: float = 0.28, is_mode: str = "truncate",
                 is_cap: float = 2.0, is_low: float = 0.5, is_high: float = 5.0, is_level: str = "token",
-                staleness=None, staleness_decay: float = 1.0, clip: bool = True) -> tuple[float, np.ndarray, dict]:
+                staleness=None, staleness_decay: float = 1.0, clip: bool = True, ref_logprobs=None,
+                kl_coef: float = 0.0) -> tuple[float, np.ndarray, dict]:
     """Token-mean decoupled PPO loss, token by token.
 
     Returns (loss, d loss / d logprobs, stats). Per valid token t of sequence i:
       u = exp(logp - prox), w = exp(prox - mu) controlled by is_mode, times staleness_decay ** s_i,
-      loss_t = -w * min(u A_i, clip(u, 1 - eps_low, 1 + eps_high) A_i); the loss is their mean.
+      loss_t = -w * min(u A_i, clip(u, 1 - eps_low, 1 + eps_high) A_i)
+               + kl_coef * (exp(ref - logp) - (ref - logp) - 1)   (when kl_coef > 0);
+    the loss is their mean. d/dlogp of the KL term: kl_coef * (1 - exp(ref - logp)).
     """
+    ref_lp = None if ref_logprobs is None else np.asarray(ref_logprobs, dtype=np.float64)
     lp = np.asarray(logprobs, dtype=np.float64)
     prox = np.asarray(proximal_logprobs, dtype=np.float64)
     mu = np.asarray(behaviour_logprobs, dtype=np.float64)
@@ -230,7 +234,7 @@ def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, los
     seq_out = [any(valid[i, t] and outside(w_raw[i, t]) for t in range(length)) for i in range(n_seq)]
     loss, grad = 0.0, np.zeros_like(lp)
     n_trunc = n_masked = n_clipped = 0
-    kl = 0.0
+    kl = kl_ref = 0.0
     for i in range(n_seq):
         decay = staleness_decay ** float(staleness[i]) if staleness is not None else 1.0
         for t in range(length):
@@ -260,6 +264,12 @@ def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, los
             grad[i, t] = -w * d_surr / denom
             x = mu[i, t] - lp[i, t]
             kl += np.exp(x) - x - 1
+            if kl_coef > 0:
+                d = ref_lp[i, t] - lp[i, t]
+                k3 = np.exp(d) - d - 1
+                kl_ref += k3
+                loss += kl_coef * k3
+                grad[i, t] += kl_coef * (1 - np.exp(d)) / denom
     frac = (lambda c: c / n_tok) if n_tok else (lambda c: 0.0)
     wv = w_raw[valid]
     stats = {
@@ -272,4 +282,6 @@ def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, los
         "kl_behaviour": kl / denom,
         "tokens": float(n_tok),
     }
+    if kl_coef > 0:
+        stats["kl_ref"] = kl_ref / denom
     return loss / denom, grad, stats
