@@ -255,6 +255,9 @@ class LearnerConfig:
     resources: dict[str, float] = field(default_factory=dict)
     sync_transport: Literal["object_store", "collective"] = "object_store"
     master_port: int = 29600
+    # run a separate no-grad forward for the proximal log-probs; off: one optimizer step per batch makes the
+    # training forward's detached log-probs exactly the proximal ones
+    recompute_proximal: bool = False
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.zero_stage not in (0, 1, 2, 3):
