@@ -15,6 +15,8 @@ How the advantage of response i in a group of G is built from its K rewards r_k(
    - rvpo_explicit:  mean_w Z - beta var_w Z
    - min:            min_k Z_k
    `mean` (GRPO) is not an aggregator of Z: it group-normalises the weighted sum of raw rewards.
+   Weights w are [K] (one per reward), [B, K] (per prompt: a rubric task's own criteria, see
+   algo_weights.rubric_weights) or [B, G, K]; a prompt's absent criteria are masked slots, never zeros.
 3. Optional batch normalisation: A <- (A - mean_batch A) / (std_batch A + eps).
 
 The policy loss is AReaL's decoupled PPO objective with a behaviour importance weight
@@ -28,6 +30,8 @@ import math
 from typing import Literal, Sequence
 
 import torch
+
+from rvpo_async.algo_weights import rubric_weights  # noqa: F401  (re-exported: weights for advantages())
 
 Aggregator = Literal["mean", "gdpo", "rvpo", "rvpo_explicit", "min"]
 ISMode = Literal["truncate", "mask", "none"]
@@ -107,42 +111,6 @@ def _weights(z: torch.Tensor, weights: Weights, like: torch.Tensor) -> torch.Ten
         shown = w.tolist() if w.numel() <= 32 else f"a {tuple(w.shape)} tensor"
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {shown}")
     return w
-
-
-def rubric_weights(points: torch.Tensor, mask: torch.Tensor,
-                   mode: Literal["uniform", "points"] = "uniform") -> torch.Tensor:
-    """[B, K] per-prompt criterion weights summing to 1 over each prompt's present criteria.
-
-    `points`: [B, K] points or weights of each prompt's criteria (a negative value marks a pitfall; its
-    magnitude is its importance). `mask`: [B, K] (or [B, G, K], reduced to the slots any response of the
-    group has) True where the prompt has a criterion. `uniform` gives 1/M to each of the M present
-    criteria (the RVPO paper's formula); `points` gives |points| / sum |points| (HealthBench scoring).
-    Absent slots get 0, and a prompt without present criteria a row of zeros.
-    """
-    if mode not in ("uniform", "points"):
-        raise ValueError(f"rubric weight mode must be 'uniform' or 'points', got {mode!r}")
-    m = mask.to(torch.bool)
-    if m.dim() == 3:
-        m = m.any(1)  # [B, K]
-    if points.dim() != 2 or m.shape != points.shape:
-        raise ValueError(f"points must be [B, K] and mask [B, K] or [B, G, K] over the same slots, got "
-                         f"{tuple(points.shape)} and {tuple(mask.shape)}")
-    dtype = points.dtype if points.is_floating_point() else torch.float64
-    if mode == "uniform":
-        mag = m.to(dtype)
-    else:
-        p = points.to(dtype)
-        bad = m & ~torch.isfinite(p)
-        if bool(bad.any()):
-            b, j = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"points of prompt row {b}, criterion slot {j} is {float(p[b, j])}: not a finite number")
-        mag = torch.where(m, p.abs(), torch.zeros_like(p))
-        dead = m.any(-1) & (mag.sum(-1) <= 0)
-        if bool(dead.any()):
-            b = int(dead.nonzero()[0])
-            raise ValueError(f"points of prompt row {b} are all zero over its present criteria: no weight to give")
-    total = mag.sum(-1, keepdim=True)
-    return torch.where(total > 0, mag / total.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(mag))
 
 
 def _masked_normalised_weights(w: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

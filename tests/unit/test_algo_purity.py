@@ -83,7 +83,8 @@ def imported_modules(source: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["rvpo_async.algo", "rvpo_async.staleness", "rvpo_async.schedule"])
+@pytest.mark.parametrize("module", ["rvpo_async.algo", "rvpo_async.staleness", "rvpo_async.schedule",
+                                    "rvpo_async.algo_weights"])
 def test_import_loads_no_heavy_framework(module):
     assert _loaded_after_import(module, HEAVY) == []
 
@@ -93,7 +94,7 @@ def test_rule_module_import_loads_no_torch(module):
     assert _loaded_after_import(module, ("torch",)) == []
 
 
-@pytest.mark.parametrize("path", ["rvpo_async/algo.py", "rvpo_async/staleness.py"])
+@pytest.mark.parametrize("path", ["rvpo_async/algo.py", "rvpo_async/staleness.py", "rvpo_async/algo_weights.py"])
 def test_module_code_makes_no_torch_distributed_use(path):
     assert distributed_uses((ROOT / path).read_text()) == []
 
