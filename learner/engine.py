@@ -2,8 +2,14 @@
 
 The learner knows nothing of RVPO (AReaL-lite's split): `train_step(batch, loss_fn)` computes token
 log-probs, hands them with the batch to `loss_fn`, and steps. What it owns is the bookkeeping around that:
-- Proximal log-probs (pi_prox of decoupled PPO) are recomputed with no grad before any update, at the
-  temperature the loss function names, so they are the learner's policy at the start of the step.
+- Proximal log-probs (pi_prox of decoupled PPO) are the learner's policy at the start of the step, at the
+  temperature the loss function names. A batch takes one optimizer step, so the weights of every
+  micro-batch's training forward are still those of the start of the step: its log-probs, detached, ARE the
+  proximal ones, and no separate forward is run. `learner.recompute_proximal` runs the separate no-grad
+  forward over all micro-batches first (needed only if a batch ever took several optimizer steps).
+- A loss function with `needs_reference` (the KL anchor) also gets `ref_logprobs` in its batch: the
+  log-probs of a frozen copy of the initial model (loaded from the model path on first use, a plain torch
+  module on each rank, outside DeepSpeed, so the same under ZeRO 2 and 3), computed with no grad.
 - Log-prob convention: position t holds log p(input_ids[t] | input_ids[<t]) from the logits at t-1 divided
   by the temperature, 0 at position 0; the rollout engine's behaviour log-probs use the same one.
 - One optimizer step per batch. The batch is cut into micro-batches of `micro_batch_size`; each micro-batch
@@ -33,9 +39,11 @@ REQUIRED_KEYS = ("input_ids", "response_mask", "behaviour_logprobs", "advantages
 
 
 class LossFn(Protocol):
-    """What the learner is handed: the loss, and the sampling temperature its log-probs are taken at."""
+    """What the learner is handed: the loss, the sampling temperature its log-probs are taken at, and
+    whether it reads the reference model's log-probs (batch key `ref_logprobs`)."""
 
     temperature: float
+    needs_reference: bool
 
     def __call__(self, logprobs: torch.Tensor, proximal_logprobs: torch.Tensor,
                  batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
@@ -130,6 +138,8 @@ class DeepSpeedLearner:
         from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
+        self.model_path = model_path
+        self._reference: torch.nn.Module | None = None
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(seed)
@@ -185,6 +195,18 @@ class DeepSpeedLearner:
         logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
         return token_logprobs(logits, mb["input_ids"], temperature)
 
+    def _reference_logprobs(self, mb: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        if self._reference is None:
+            from transformers import AutoModelForCausalLM
+
+            dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
+            ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+            ref.config.use_cache = False
+            self._reference = ref.requires_grad_(False).eval().to(self.engine.device)
+        with torch.no_grad():
+            logits = self._reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            return token_logprobs(logits, mb["input_ids"], temperature)
+
     def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on this rank's share of the batch; call on all ranks together."""
         t0 = time.perf_counter()
@@ -195,13 +217,20 @@ class DeepSpeedLearner:
         dist.all_reduce(global_tokens)
         slices = self._micro_slices(n)
         micro = [{k: v[s if s is not None else slice(0, 1)] for k, v in b.items()} for s in slices]
+        temperature = loss_fn.temperature
+        if getattr(loss_fn, "needs_reference", False):
+            micro = [dict(mb, ref_logprobs=self._reference_logprobs(mb, temperature)) for mb in micro]
 
         self.engine.train()
-        with torch.no_grad():
-            proximal = [self._logprobs(mb, loss_fn.temperature) for mb in micro]
+        proximal: list[torch.Tensor | None] = [None] * len(micro)
+        if self.cfg.recompute_proximal:
+            with torch.no_grad():
+                proximal = [self._logprobs(mb, temperature) for mb in micro]
         parts: list[tuple[dict[str, float], float]] = []
         for s, mb, prox in zip(slices, micro, proximal):
-            loss, stats = loss_fn(self._logprobs(mb, loss_fn.temperature), prox, mb)
+            logprobs = self._logprobs(mb, temperature)
+            # no optimizer step between micro-batches: this forward's weights are the proximal policy's
+            loss, stats = loss_fn(logprobs, logprobs.detach() if prox is None else prox, mb)
             mb_tokens = float(mb["response_mask"].sum()) if s is not None else 0.0
             share = mb_tokens / max(float(global_tokens), 1.0) * self.world_size  # gradients are rank-averaged
             self.engine.backward(loss * share, scale_wrt_gas=False)

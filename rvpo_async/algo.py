@@ -15,6 +15,8 @@ How the advantage of response i in a group of G is built from its K rewards r_k(
    - rvpo_explicit:  mean_w Z - beta var_w Z
    - min:            min_k Z_k
    `mean` (GRPO) is not an aggregator of Z: it group-normalises the weighted sum of raw rewards.
+   Weights w are [K] (one per reward), [B, K] (per prompt: a rubric task's own criteria, see
+   algo_weights.rubric_weights) or [B, G, K]; a prompt's absent criteria are masked slots, never zeros.
 3. Optional batch normalisation: A <- (A - mean_batch A) / (std_batch A + eps).
 
 The policy loss is AReaL's decoupled PPO objective with a behaviour importance weight
@@ -28,6 +30,8 @@ import math
 from typing import Literal, Sequence
 
 import torch
+
+from rvpo_async.algo_weights import rubric_weights  # noqa: F401  (re-exported: weights for advantages())
 
 Aggregator = Literal["mean", "gdpo", "rvpo", "rvpo_explicit", "min"]
 ISMode = Literal["truncate", "mask", "none"]
@@ -84,14 +88,28 @@ def group_normalize(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     return z
 
 
-def _weights(k: int, weights: Sequence[float] | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+Weights = Sequence[float] | Sequence[Sequence[float]] | torch.Tensor | None
+
+
+def _weights(z: torch.Tensor, weights: Weights, like: torch.Tensor) -> torch.Tensor:
+    """Weights shaped to broadcast against z ([..., K]): [K] for every response, [B, K] per prompt
+    (z [B, G, K]; returned as [B, 1, K]) or z's own shape per response."""
+    k = z.shape[-1]
     if weights is None:
         return torch.ones(k, dtype=like.dtype, device=like.device)
     w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
-    if w.shape != (k,):
-        raise ValueError(f"weights must have one entry per reward ({k}), got shape {tuple(w.shape)}")
+    per_prompt = tuple(z.shape[:-2]) + (k,) if z.dim() >= 2 else None
+    if w.dim() == 1:
+        if w.shape != (k,):
+            raise ValueError(f"weights must have one entry per reward ({k}), got shape {tuple(w.shape)}")
+    elif tuple(w.shape) == per_prompt:
+        w = w.unsqueeze(-2)  # [B, 1, K]: one row per prompt, shared by its group
+    elif w.shape != z.shape:
+        raise ValueError(f"weights must have one entry per reward: shape ({k},), {per_prompt} (per prompt) or "
+                         f"{tuple(z.shape)} (per response), got shape {tuple(w.shape)}")
     if bool((w < 0).any()) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
+        shown = w.tolist() if w.numel() <= 32 else f"a {tuple(w.shape)} tensor"
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {shown}")
     return w
 
 
@@ -144,13 +162,17 @@ AGGREGATORS = {
 }
 
 
-def aggregate(z: torch.Tensor, method: str, *, k_risk: float = 1.0,
-              weights: Sequence[float] | torch.Tensor | None = None, beta: float = 0.5,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[..., K] normalised rewards -> [...] per-response score with the named operator."""
+def aggregate(z: torch.Tensor, method: str, *, k_risk: float = 1.0, weights: Weights = None,
+              beta: float = 0.5, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., K] normalised rewards -> [...] per-response score with the named operator.
+
+    `weights`: [K], [B, K] (per prompt, z [B, G, K]) or z's shape (per response). rvpo and rvpo_explicit
+    renormalise them over each response's valid rewards; gdpo sums w_k Z_k over them as given (Z = 0 where
+    masked); min keeps the valid rewards of positive weight.
+    """
     if method not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {method!r}; valid: {sorted(AGGREGATORS)}")
-    w = _weights(z.shape[-1], weights, z)
+    w = _weights(z, weights, z)
     valid = _valid(z, mask)
     return AGGREGATORS[method](z, w, valid, k_risk=k_risk, beta=beta)
 
@@ -162,18 +184,19 @@ def batch_normalize(a: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     return (a - flat.mean()) / (flat.std() + eps)
 
 
-def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0,
-               weights: Sequence[float] | torch.Tensor | None = None, beta: float = 0.5,
+def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0, weights: Weights = None,
+               beta: float = 0.5,
                batch_norm: bool = True, eps: float = DEFAULT_EPS,
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, G, K] rewards -> [B, G] sequence-level advantages.
 
     `mean` is GRPO (group-normalised weighted sum, never batch-normalised); the other methods
-    group-normalise each reward, aggregate, then batch-normalise when `batch_norm`.
+    group-normalise each reward, aggregate, then batch-normalise when `batch_norm`. `weights`: [K], [B, K]
+    (per prompt, e.g. from `rubric_weights`) or [B, G, K], as in `aggregate`.
     """
     check_rewards(rewards, mask=mask)
     if method == "mean":
-        w = _weights(rewards.shape[-1], weights, rewards)
+        w = _weights(rewards, weights, rewards)
         valid = _valid(rewards, mask)
         # a masked entry takes its reward's valid group mean, so it neither helps nor hurts
         vf = valid.to(rewards.dtype)
@@ -237,19 +260,28 @@ def policy_loss(
     staleness: torch.Tensor | None = None,
     staleness_decay: float = 1.0,
     clip: bool = True,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-mean decoupled-PPO loss.
 
-    Shapes: logprobs, proximal_logprobs, behaviour_logprobs, loss_mask: [N, L]; advantages: [N];
+    Shapes: logprobs, proximal_logprobs, behaviour_logprobs, loss_mask, ref_logprobs: [N, L]; advantages: [N];
     staleness: [N] (policy versions behind the learner), optional.
 
     loss_t = -w_t * min(u_t A, clip(u_t, 1 - eps_low, 1 + eps_high) A), u_t = pi_theta / pi_prox,
     w_t = pi_prox / mu (detached), controlled by `is_mode`, times staleness_decay ** s.
+    With kl_coef > 0 each token adds kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1 (the k3 estimate of
+    KL(pi_theta || pi_ref), unbiased under samples of pi_theta and >= 0), in the same token mean; kl_coef = 0
+    computes nothing and ignores ref_logprobs.
     """
     if is_mode not in ("truncate", "mask", "none"):
         raise ValueError(f"is_mode must be one of truncate, mask, none; got {is_mode!r}")
     if not 0 < staleness_decay <= 1:
         raise ValueError(f"staleness_decay must be in (0, 1], got {staleness_decay}")
+    if not kl_coef >= 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs, the reference model's log-probs of the same tokens")
     m = loss_mask.to(logprobs.dtype)
     mb = m > 0  # [N, L]
     n_tok = m.sum().clamp_min(1)
@@ -287,6 +319,12 @@ def policy_loss(
     else:
         surr = surr1
     loss = -(w * surr * m).sum() / n_tok
+    kl_ref = None
+    if kl_coef > 0:
+        assert ref_logprobs is not None
+        d = torch.where(mb, ref_logprobs.detach().to(logprobs.dtype), zero) - logprobs  # [N, L], 0 on padding
+        kl_ref = ((d.exp() - d - 1) * m).sum() / n_tok
+        loss = loss + kl_coef * kl_ref
 
     with torch.no_grad():
         clipped = (surr2 < surr1) if clip else torch.zeros_like(keep)
@@ -303,4 +341,6 @@ def policy_loss(
             "kl_behaviour": float((kl_k3 * m).sum() / n_tok),
             "tokens": float(m.sum()),
         }
+        if kl_ref is not None:
+            stats["kl_ref"] = float(kl_ref.detach())
     return loss, stats

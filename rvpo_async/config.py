@@ -178,9 +178,18 @@ class AlgoConfig:
     is_level: Literal["token", "sequence"] = "token"
     staleness_decay: float = 1.0  # lambda in lambda**staleness; 1.0 = off
     nan_policy: Literal["error", "mask"] = "mask"  # what a non-finite judge score becomes
+    rubric_weights: Literal["uniform", "points"] = "uniform"  # a prompt's own criteria: 1/M, or |points| share
+    # k_risk per step: constant uses k_risk; linear/cosine go from k_risk_start to k_risk_end over
+    # k_risk_steps optimizer steps (None: run.steps - 1, so the last step uses k_risk_end)
+    k_risk_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    k_risk_start: float = 0.5
+    k_risk_end: float = 2.0
+    k_risk_steps: Optional[int] = None
+    kl_coef: float = 0.0  # weight of k3 KL(policy || initial model) per token; 0 = no reference model at all
 
     def check(self) -> Iterator[tuple[str, str]]:
-        for key in ("k_risk", "beta", "eps", "is_cap", "is_low", "is_high", "clip_eps_low", "clip_eps_high"):
+        for key in ("k_risk", "beta", "eps", "is_cap", "is_low", "is_high", "clip_eps_low", "clip_eps_high",
+                    "k_risk_start", "k_risk_end", "kl_coef"):
             if not math.isfinite(getattr(self, key)):
                 yield key, f"must be a finite number, got {getattr(self, key)}"
         if not self.eps > 0:
@@ -199,6 +208,14 @@ class AlgoConfig:
             yield "staleness_decay", f"must be in (0, 1], got {self.staleness_decay}"
         if self.reward_weights is not None and any(w < 0 for w in self.reward_weights):
             yield "reward_weights", f"must be non-negative, got {self.reward_weights}"
+        if self.k_risk_schedule != "constant":
+            for key in ("k_risk_start", "k_risk_end"):
+                if not getattr(self, key) > 0:
+                    yield key, f"must be > 0 with k_risk_schedule={self.k_risk_schedule}, got {getattr(self, key)}"
+            if self.k_risk_steps is not None and self.k_risk_steps < 1:
+                yield "k_risk_steps", f"must be >= 1 (or null for run.steps - 1), got {self.k_risk_steps}"
+        if not self.kl_coef >= 0:
+            yield "kl_coef", f"must be >= 0 (0 turns the KL anchor off), got {self.kl_coef}"
 
 
 @dataclass(frozen=True)
@@ -238,6 +255,9 @@ class LearnerConfig:
     resources: dict[str, float] = field(default_factory=dict)
     sync_transport: Literal["object_store", "collective"] = "object_store"
     master_port: int = 29600
+    # run a separate no-grad forward for the proximal log-probs; off: one optimizer step per batch makes the
+    # training forward's detached log-probs exactly the proximal ones
+    recompute_proximal: bool = False
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.zero_stage not in (0, 1, 2, 3):

@@ -86,6 +86,10 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("rvpo_learner_step_seconds", "histogram", (), "Wall time of one learner step."),
     MetricSpec("rvpo_judge_workers", "gauge", (), "Judge workers currently in the pool."),
     MetricSpec("rvpo_judge_queue_depth", "gauge", (), "Judge requests waiting or in flight."),
+    MetricSpec("rvpo_k_risk", "gauge", (), "RVPO risk coefficient k used by the last learner step (algo.k_risk_schedule)."),
+    MetricSpec("rvpo_kl_ref", "gauge", (),
+               "k3 estimate of KL(policy || initial model) per response token in the last learner step; "
+               "NaN while the KL anchor is off (algo.kl_coef = 0)."),
 )
 
 
@@ -154,6 +158,8 @@ class Metrics:
                                       buckets=LEARNER_STEP_BUCKETS, registry=r)
         self.judge_workers = Gauge("rvpo_judge_workers", h["rvpo_judge_workers"], registry=r)
         self.judge_queue_depth = Gauge("rvpo_judge_queue_depth", h["rvpo_judge_queue_depth"], registry=r)
+        self.k_risk = Gauge("rvpo_k_risk", h["rvpo_k_risk"], registry=r)
+        self.kl_ref = Gauge("rvpo_kl_ref", h["rvpo_kl_ref"], registry=r)
 
         for stage in STAGES:
             self.samples.labels(stage=stage)
@@ -168,6 +174,8 @@ class Metrics:
                 self.judge_failures.labels(judge=name, reason=reason)
         self.reward_inter_variance.set(math.nan)
         self.reward_worst_mean.set(math.nan)
+        self.k_risk.set(math.nan)
+        self.kl_ref.set(math.nan)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Metrics":
@@ -228,6 +236,12 @@ class Metrics:
                 self.reward_bottleneck_share.labels(reward=name).set(shares[name])
         self.reward_inter_variance.set(float(inter_variance))
         self.reward_worst_mean.set(float(worst_mean))
+
+    def record_objective(self, k_risk: float, kl_ref: float | None = None) -> None:
+        """The step's RVPO risk coefficient, and its KL to the reference model (None: the anchor is off)."""
+        self.k_risk.set(float(k_risk))
+        if kl_ref is not None:
+            self.kl_ref.set(float(kl_ref))
 
     def set_policy_version(self, v: int) -> None:
         self.policy_version.set(_nonneg_int("policy version", v))

@@ -63,6 +63,8 @@ def summarise(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], *, mo
         "worst_reward": (sum(r["worst_reward_mean"] for r in tail) / len(tail)
                          if tail and all("worst_reward_mean" in r for r in tail) else None),
         "worst_reward_first_step": rows[0].get("worst_reward_mean") if rows else None,
+        # the risk coefficient at the first and last step (algo.k_risk_schedule)
+        "k_risk": {"first": rows[0].get("k_risk"), "final": last.get("k_risk")} if rows else None,
     }
     if extra:
         report.update(extra)

@@ -15,6 +15,7 @@ import ray
 
 from rvpo_async.algo import advantages, reward_diagnostics
 from rvpo_async.config import Config
+from rvpo_async.schedule import k_risk_at
 from rvpo_async.task import prompt_stream
 from rvpo_async.types import STATUS_CODES, Prompt
 
@@ -176,7 +177,9 @@ class Stepper:
             if status is not None and bool((status == STATUS_CODES["invalid"]).any()):
                 raise ValueError("a judge returned a non-finite or out-of-range reward and algo.nan_policy is "
                                  "'error'; see the judge failure counts in the run log")
-        adv = advantages(rewards.double(), cfg.algo.aggregator, k_risk=cfg.algo.k_risk,
+        # the learner's version counts the optimizer steps taken, resumed runs included
+        k_risk = k_risk_at(int(self.p.learner.version), cfg.algo, cfg.run.steps)
+        adv = advantages(rewards.double(), cfg.algo.aggregator, k_risk=k_risk,
                          weights=cfg.reward_weights, beta=cfg.algo.beta, batch_norm=cfg.algo.batch_norm,
                          eps=cfg.algo.eps, mask=mask)
         batch["advantages"] = adv.reshape(-1).float()
@@ -201,7 +204,7 @@ class Stepper:
         for col in ("group_id", "sample_idx", "response_tokens", "behaviour_logprobs", "rewards"):
             digest.update(repr(table.column(col).to_pylist()).encode())
         versions = batch["policy_version"].reshape(rewards.shape[0], -1)[:, 0]
-        return {"stats": stats, "diag": diag, "version": version, "sync_s": sync_s,
+        return {"stats": stats, "diag": diag, "version": version, "sync_s": sync_s, "k_risk": k_risk,
                 "train_s": t1 - t0, "staleness_values": [int(version - 1 - v) for v in versions.tolist()],
                 "group_ids": sorted(set(table.column("group_id").to_pylist())),
                 "samples": int(rewards.shape[0] * rewards.shape[1]),
@@ -227,7 +230,7 @@ class Stepper:
             "worst_reward_mean": float(diag["worst_mean"]),
             "staleness_values": stal, "group_ids": r["group_ids"], "batch_digest": r["batch_digest"],
             "generated_tokens_total": st.generated_tokens_this_run, "trained_samples_total": st.trained_samples_this_run,
-            "train_s": r["train_s"], "sync_s": r["sync_s"],
+            "train_s": r["train_s"], "sync_s": r["sync_s"], "k_risk": r["k_risk"],
             "learner": {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))},
         }
         if "timing" in r:
@@ -245,10 +248,11 @@ class Stepper:
                              worst_mean=row["worst_reward_mean"])
             m.set_policy_version(st.version)
             m.observe_weight_sync(r["sync_s"])
+            m.record_objective(r["k_risk"], ls.get("kl_ref"))
         bar.update(1)
         bar.set_postfix({"tok/s": f"{st.generated_tokens_this_run / max(bar.format_dict['elapsed'], 1e-9):.0f}",
                          **{n[:8]: f"{row['reward_mean'][n]:.2f}" for n in names},
-                         "stale": f"{sum(stal) / max(len(stal), 1):.1f}"}, refresh=False)
+                         "stale": f"{sum(stal) / max(len(stal), 1):.1f}", "k": f"{r['k_risk']:.2f}"}, refresh=False)
         every = self.cfg.checkpoint.every
         if every and st.step % every == 0 and st.step < self.cfg.run.steps:
             self.checkpoint()

@@ -35,7 +35,7 @@ def test_async_run_advances_version_bounds_staleness_and_writes_run_dir(tmp_path
 
     run = tmp_path / "run"
     cfg = small_config(run, tiny_model_dir, "run.mode=async", "run.steps=4", "staleness.max_staleness=1",
-                       "checkpoint.every=2")
+                       "checkpoint.every=2", "algo.kl_coef=0.05")
     report = train(cfg)
 
     rows = rows_of(run)
@@ -57,6 +57,8 @@ def test_async_run_advances_version_bounds_staleness_and_writes_run_dir(tmp_path
     assert report["samples_per_second"] > 0 and report["generated_tokens_per_second"] > 0
     assert report["staleness"]["max"] <= 1
     assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report))
+    kl = [r["learner"]["kl_ref"] for r in rows]  # the KL anchor: 0 while the policy is the initial model
+    assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 0
     assert "keyword" in (run / "report.md").read_text()
     for png in ("rewards.png", "inter_variance.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -83,11 +85,14 @@ def test_resume_continues_the_policy_version(tmp_path, tiny_model_dir, ray_local
     from rvpo_async.driver import train
 
     run = tmp_path / "run"
-    train(small_config(run, tiny_model_dir, "run.steps=2", "checkpoint.every=1"))
+    schedule = ["algo.k_risk_schedule=linear", "algo.k_risk_start=0.5", "algo.k_risk_end=2.0", "algo.k_risk_steps=3"]
+    train(small_config(run, tiny_model_dir, "run.steps=2", "checkpoint.every=1", *schedule))
     report = train(small_config(run, tiny_model_dir, "run.steps=4", "checkpoint.every=1", "run.resume=true",
-                                "run.overwrite=false"))
+                                "run.overwrite=false", *schedule))
     rows = rows_of(run)
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+    assert [r["k_risk"] for r in rows] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # the schedule resumes with the run
+    assert report["k_risk"] == {"first": pytest.approx(0.5), "final": pytest.approx(2.0)}
     assert report["policy_version"] == 4
     trained = [g for r in rows for g in r["group_ids"]]
     assert len(trained) == len(set(trained)), "a group was trained twice across the resume"

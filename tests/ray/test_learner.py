@@ -1,7 +1,8 @@
 """The DeepSpeed learner as Ray actors on CPU: real ZeRO-2/3 ranks training the tiny model.
 
 One short run per ZeRO stage is shared by the tests of this module (each DeepSpeed start costs seconds);
-every test asserts one property of it.
+every test asserts one property of it. Those runs keep the KL anchor to the initial model on (algo.kl_coef);
+the resume test runs without it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 GROUP_SIZE = 4
 STEPS = 4
+KL_COEF = 0.1
 
 
 def make_batch(model_dir: str, n_groups: int = 4, prompt_len: int = 6, max_resp: int = 10, seed: int = 0,
@@ -59,7 +61,7 @@ def run(model_dir: str, zero_stage: int, port: int) -> dict[str, Any]:
     from learner.loss import make_loss_fn
 
     ensure_ray()
-    cfg = learner_config(zero_stage, port)
+    cfg = learner_config(zero_stage, port, 2, f"algo.kl_coef={KL_COEF}")
     group = LearnerGroup(cfg, model_dir)
     try:
         before = group.state_digests()
@@ -100,6 +102,15 @@ def test_zero3_follows_the_same_loss_trajectory_as_zero2(zero2_run: dict[str, An
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_kl_to_the_initial_model_is_zero_at_the_first_step_and_positive_after_updates(
+        stage: int, request: pytest.FixtureRequest) -> None:
+    kl = [s["kl_ref"] for s in request.getfixturevalue(f"zero{stage}_run")["stats"]]
+    assert kl[0] == pytest.approx(0.0, abs=1e-7)  # the policy is still the reference
+    assert all(k > 0 for k in kl[1:]), kl
+    assert kl[-1] > kl[1]
+
+
 def test_step_stats_are_present_and_sane(zero2_run: dict[str, Any], tiny_model_dir: str) -> None:
     batch = make_batch(tiny_model_dir)
     tokens = float(batch["response_mask"].sum())
@@ -133,6 +144,7 @@ def test_resume_reproduces_the_version_and_next_losses_of_an_uninterrupted_run(
         saved = group.save_checkpoint(tmp_path, extra={"buffer": {"next_group_id": 17}})
         straight = [group.train_step(b, loss_fn) for b in batches[2:]]
         final_version = group.version
+        assert "kl_ref" not in straight[0]  # kl_coef = 0: no reference model, no KL statistic
     finally:
         group.shutdown()
     assert find_latest(tmp_path) == saved

@@ -1,5 +1,7 @@
 """Plain float64 NumPy/SciPy references for the math of rvpo_async.algo (ALGORITHM.md sections 1-4).
 
+Weights are [K] (every response), [B, K] (per prompt) or [B, G, K] (per response).
+
 Written for clarity, not speed: explicit loops over groups, rewards and responses. Masks are boolean
 arrays of the rewards' shape; True marks an entry that counts.
 
@@ -21,6 +23,31 @@ def _as_mask(rewards: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 def _weights(k: int, weights) -> np.ndarray:
     return np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
+
+
+def _response_weights(shape: tuple[int, ...], weights) -> np.ndarray:
+    """Weights of every response, [..., K] of `shape`: [K] for all, [B, K] per prompt, or one row per response."""
+    w = _weights(shape[-1], weights)
+    if w.ndim > 1 and w.shape != shape:  # [B, K] per prompt: each member of group b takes row b
+        w = w[..., None, :]
+    return np.broadcast_to(w, shape)
+
+
+def rubric_weights(points: np.ndarray, present: np.ndarray, mode: str) -> np.ndarray:
+    """[B, K]: per prompt, 1/M (uniform) or |points| / sum |points| over its M present criteria; 0 elsewhere."""
+    points = np.asarray(points, dtype=np.float64)
+    present = np.asarray(present, dtype=bool)
+    if present.ndim == 3:
+        present = present.any(axis=1)
+    out = np.zeros(points.shape)
+    for b in range(points.shape[0]):
+        idx = [j for j in range(points.shape[1]) if present[b, j]]
+        if not idx:
+            continue
+        mags = [1.0 if mode == "uniform" else abs(points[b, j]) for j in idx]
+        for j, m in zip(idx, mags):
+            out[b, j] = m / sum(mags)
+    return out
 
 
 def group_normalize(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray | None = None) -> np.ndarray:
@@ -73,12 +100,12 @@ def aggregate(z: np.ndarray, method: str, *, k_risk: float = 1.0, weights=None, 
     """[..., K] -> [...], one response at a time."""
     z = np.asarray(z, dtype=np.float64)
     valid = _as_mask(z, mask)
-    w = _weights(z.shape[-1], weights)
+    flat_w = _response_weights(z.shape, weights).reshape(-1, z.shape[-1])
     flat_z = z.reshape(-1, z.shape[-1])
     flat_v = valid.reshape(-1, z.shape[-1])
     out = np.empty(flat_z.shape[0])
     for n in range(flat_z.shape[0]):
-        zn, vn = flat_z[n], flat_v[n]
+        zn, vn, w = flat_z[n], flat_v[n], flat_w[n]
         if method == "gdpo":
             out[n] = agg_gdpo(zn, w, vn)
         elif method == "rvpo":
@@ -104,7 +131,7 @@ def grpo_mean(rewards: np.ndarray, weights=None, eps: float = EPS, mask: np.ndar
     """GRPO: group-normalise s = sum_k w_k r_k; a masked entry takes its reward's valid group mean."""
     r = np.asarray(rewards, dtype=np.float64)
     valid = _as_mask(r, mask)
-    w = _weights(r.shape[-1], weights)
+    w = _response_weights(r.shape, weights)
     b, g, k = r.shape
     s = np.zeros((b, g, 1))
     for i in range(b):
@@ -114,7 +141,8 @@ def grpo_mean(rewards: np.ndarray, weights=None, eps: float = EPS, mask: np.ndar
             fill = r[i, idx, j].mean() if idx else 0.0
             for n in range(g):
                 filled[n, j] = r[i, n, j] if valid[i, n, j] else fill
-        s[i, :, 0] = filled @ w
+        for n in range(g):
+            s[i, n, 0] = filled[n] @ w[i, n]
     return group_normalize(s, eps=eps)[..., 0]
 
 
@@ -174,13 +202,17 @@ def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray |
 def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, loss_mask, *,
                 clip_eps_low: float = 0.2, clip_eps_high: float = 0.28, is_mode: str = "truncate",
                 is_cap: float = 2.0, is_low: float = 0.5, is_high: float = 5.0, is_level: str = "token",
-                staleness=None, staleness_decay: float = 1.0, clip: bool = True) -> tuple[float, np.ndarray, dict]:
+                staleness=None, staleness_decay: float = 1.0, clip: bool = True, ref_logprobs=None,
+                kl_coef: float = 0.0) -> tuple[float, np.ndarray, dict]:
     """Token-mean decoupled PPO loss, token by token.
 
     Returns (loss, d loss / d logprobs, stats). Per valid token t of sequence i:
       u = exp(logp - prox), w = exp(prox - mu) controlled by is_mode, times staleness_decay ** s_i,
-      loss_t = -w * min(u A_i, clip(u, 1 - eps_low, 1 + eps_high) A_i); the loss is their mean.
+      loss_t = -w * min(u A_i, clip(u, 1 - eps_low, 1 + eps_high) A_i)
+               + kl_coef * (exp(ref - logp) - (ref - logp) - 1)   (when kl_coef > 0);
+    the loss is their mean. d/dlogp of the KL term: kl_coef * (1 - exp(ref - logp)).
     """
+    ref_lp = None if ref_logprobs is None else np.asarray(ref_logprobs, dtype=np.float64)
     lp = np.asarray(logprobs, dtype=np.float64)
     prox = np.asarray(proximal_logprobs, dtype=np.float64)
     mu = np.asarray(behaviour_logprobs, dtype=np.float64)
@@ -202,7 +234,7 @@ def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, los
     seq_out = [any(valid[i, t] and outside(w_raw[i, t]) for t in range(length)) for i in range(n_seq)]
     loss, grad = 0.0, np.zeros_like(lp)
     n_trunc = n_masked = n_clipped = 0
-    kl = 0.0
+    kl = kl_ref = 0.0
     for i in range(n_seq):
         decay = staleness_decay ** float(staleness[i]) if staleness is not None else 1.0
         for t in range(length):
@@ -232,6 +264,12 @@ def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, los
             grad[i, t] = -w * d_surr / denom
             x = mu[i, t] - lp[i, t]
             kl += np.exp(x) - x - 1
+            if kl_coef > 0:
+                d = ref_lp[i, t] - lp[i, t]
+                k3 = np.exp(d) - d - 1
+                kl_ref += k3
+                loss += kl_coef * k3
+                grad[i, t] += kl_coef * (1 - np.exp(d)) / denom
     frac = (lambda c: c / n_tok) if n_tok else (lambda c: 0.0)
     wv = w_raw[valid]
     stats = {
@@ -244,4 +282,6 @@ def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, los
         "kl_behaviour": kl / denom,
         "tokens": float(n_tok),
     }
+    if kl_coef > 0:
+        stats["kl_ref"] = kl_ref / denom
     return loss / denom, grad, stats

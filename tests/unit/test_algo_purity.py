@@ -83,16 +83,18 @@ def imported_modules(source: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["rvpo_async.algo", "rvpo_async.staleness"])
+@pytest.mark.parametrize("module", ["rvpo_async.algo", "rvpo_async.staleness", "rvpo_async.schedule",
+                                    "rvpo_async.algo_weights"])
 def test_import_loads_no_heavy_framework(module):
     assert _loaded_after_import(module, HEAVY) == []
 
 
-def test_staleness_import_loads_no_torch():
-    assert _loaded_after_import("rvpo_async.staleness", ("torch",)) == []
+@pytest.mark.parametrize("module", ["rvpo_async.staleness", "rvpo_async.schedule"])
+def test_rule_module_import_loads_no_torch(module):
+    assert _loaded_after_import(module, ("torch",)) == []
 
 
-@pytest.mark.parametrize("path", ["rvpo_async/algo.py", "rvpo_async/staleness.py"])
+@pytest.mark.parametrize("path", ["rvpo_async/algo.py", "rvpo_async/staleness.py", "rvpo_async/algo_weights.py"])
 def test_module_code_makes_no_torch_distributed_use(path):
     assert distributed_uses((ROOT / path).read_text()) == []
 

@@ -37,6 +37,8 @@ REQUIRED = {
     "rvpo_learner_step_seconds": ("histogram", set()),
     "rvpo_judge_workers": ("gauge", set()),
     "rvpo_judge_queue_depth": ("gauge", set()),
+    "rvpo_k_risk": ("gauge", set()),
+    "rvpo_kl_ref": ("gauge", set()),
 }
 
 
@@ -55,6 +57,7 @@ def _record_everything(m: Metrics) -> None:
     m.observe_judge("required_word", 0.01, "invalid")
     m.set_judge_pool(workers=3, queue_depth=12)
     m.observe_weight_sync(1.5)
+    m.record_objective(k_risk=1.25, kl_ref=0.003)
 
 
 def _families(m: Metrics) -> dict:
@@ -101,6 +104,8 @@ def test_recorded_values_appear_in_render() -> None:
     assert _samples(m, "rvpo_importance_weight_truncated_ratio") == {(): pytest.approx(0.05)}
     assert _samples(m, "rvpo_importance_weight_mean") == {(): pytest.approx(1.02)}
     assert _samples(m, "rvpo_importance_weight_max") == {(): pytest.approx(3.5)}
+    assert _samples(m, "rvpo_k_risk") == {(): pytest.approx(1.25)}
+    assert _samples(m, "rvpo_kl_ref") == {(): pytest.approx(0.003)}
     assert _samples(m, "rvpo_buffer_groups") == {(("state", "pending"),): 4, (("state", "ready"),): 2}
     failures = _samples(m, "rvpo_judge_failures_total")
     assert failures[(("judge", "format"), ("reason", "timeout"))] == 1
@@ -125,6 +130,13 @@ def test_labelled_series_exist_at_zero_before_any_event() -> None:
     assert len(_samples(m, "rvpo_samples_total")) == 4
     assert len(_samples(m, "rvpo_judge_failures_total")) == 3  # one judge x timeout|error|invalid
     assert all(math.isnan(v) for v in _samples(m, "rvpo_reward_mean").values())
+
+
+def test_kl_ref_stays_nan_while_the_kl_anchor_is_off() -> None:
+    m = Metrics(REWARDS, REWARDS)
+    m.record_objective(k_risk=0.5)
+    assert _samples(m, "rvpo_k_risk") == {(): pytest.approx(0.5)}
+    assert all(math.isnan(v) for v in _samples(m, "rvpo_kl_ref").values())
 
 
 def test_unknown_reward_name_raises() -> None:

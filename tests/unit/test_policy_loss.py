@@ -187,3 +187,55 @@ def test_policy_loss_rejects_bad_options():
         algo.policy_loss(x, x, x, torch.zeros(2), torch.ones(2, 3), staleness_decay=0.0)
 
 
+
+
+# ---------------------------------------------------------------- KL anchor to the reference policy
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kl_coef", [0.05, 1.0])
+@pytest.mark.parametrize("case", [0, 3, 6])
+def test_kl_anchor_loss_gradient_and_kl_ref_match_reference(dtype, kl_coef, case):
+    kw = LOSS_CASES[case]
+    rng = _rng("kl", case, kl_coef)
+    logp, prox, beh, adv, mask = _loss_inputs(rng)
+    ref_lp = logp + rng.normal(scale=0.5, size=logp.shape)
+    ref_lp[mask == 0] = math.nan  # the reference's padding is never read
+    stale = rng.integers(0, 4, size=logp.shape[0])
+    loss, grad, stats = _run_loss(logp, prox, beh, adv, mask, dtype, staleness=t(stale, dtype),
+                                  ref_logprobs=t(ref_lp, dtype), kl_coef=kl_coef, **kw)
+    want, want_grad, want_stats = ref.policy_loss(logp, prox, beh, adv, mask, staleness=stale, ref_logprobs=ref_lp,
+                                                  kl_coef=kl_coef, **kw)
+    tol = TOL[dtype]
+    assert float(loss.detach()) == pytest.approx(want, rel=tol["rtol"], abs=tol["atol"])
+    close(grad, want_grad, dtype)
+    assert stats["kl_ref"] == pytest.approx(want_stats["kl_ref"], rel=tol["rtol"], abs=tol["atol"])
+    assert stats["kl_ref"] > 0
+    assert np.all(grad.numpy()[mask == 0] == 0)
+
+
+def test_kl_coef_zero_gives_exactly_the_loss_without_the_anchor():
+    rng = _rng("kl0")
+    for case in LOSS_CASES:
+        logp, prox, beh, adv, mask = _loss_inputs(rng)
+        base_loss, base_grad, base_stats = _run_loss(logp, prox, beh, adv, mask, **case)
+        loss, grad, stats = _run_loss(logp, prox, beh, adv, mask, ref_logprobs=t(logp + 3.0, torch.float64),
+                                      kl_coef=0.0, **case)
+        assert torch.equal(loss, base_loss) and torch.equal(grad, base_grad)
+        assert stats == base_stats and "kl_ref" not in stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_term_and_its_gradient_vanish_when_the_policy_is_the_reference(dtype):
+    logp, prox, beh, adv, mask = _loss_inputs(_rng("kl-same"))
+    base_loss, base_grad, _ = _run_loss(logp, prox, beh, adv, mask, dtype)
+    loss, grad, stats = _run_loss(logp, prox, beh, adv, mask, dtype, ref_logprobs=t(logp, dtype), kl_coef=0.5)
+    assert stats["kl_ref"] == 0.0
+    assert torch.equal(loss, base_loss) and torch.equal(grad, base_grad)
+
+
+def test_kl_anchor_needs_reference_logprobs_and_a_non_negative_coefficient():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        algo.policy_loss(x, x, x, torch.zeros(2), torch.ones(2, 3), kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_coef"):
+        algo.policy_loss(x, x, x, torch.zeros(2), torch.ones(2, 3), ref_logprobs=x, kl_coef=-0.1)

@@ -56,3 +56,10 @@ def test_study_plot_has_a_panel_per_reward_and_one_for_the_lowest_reward(tmp_pat
     _plot(results, NAMES, tmp_path / "without.png")
     width = {k: matplotlib.image.imread(tmp_path / f"{k}.png").shape[1] for k in ("with", "without")}
     assert width["with"] == pytest.approx(width["without"] * 3 / 2, rel=0.02)  # 3 panels vs 2, 4 inches each
+
+
+def test_report_holds_the_first_and_final_k_risk_of_the_schedule() -> None:
+    rows = _rows(4, [0.5] * 4)
+    for i, r in enumerate(rows):
+        r["k_risk"] = 0.5 + 0.5 * i
+    assert _report(rows)["k_risk"] == {"first": 0.5, "final": 2.0}
