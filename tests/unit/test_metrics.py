@@ -37,6 +37,10 @@ REQUIRED = {
     "rvpo_learner_step_seconds": ("histogram", set()),
     "rvpo_judge_workers": ("gauge", set()),
     "rvpo_judge_queue_depth": ("gauge", set()),
+    "rvpo_rubric_met_ratio": ("gauge", set()),
+    "rvpo_rubric_worst_mean": ("gauge", set()),
+    "rvpo_rubric_pitfall_rate": ("gauge", set()),
+    "rvpo_rubric_criteria": ("histogram", set()),
 }
 
 
