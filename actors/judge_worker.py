@@ -76,7 +76,11 @@ def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> 
     path = judge_model.model_path or model_path
     max_len = judge_model.max_model_len or cfg.model.max_model_len
     kv = judge_model.kv_cache_memory_bytes or cfg.rollout.kv_cache_memory_bytes
-    opts = actor_options("judge_engine", cfg, max_concurrency=64)
+    # a rubric judge sends one call per (response, criterion): let them all queue in the engine, where its
+    # serving thread batches them, rather than wait for an actor thread (which would spend their deadline)
+    slots = max((len(s.slot_names) for s in cfg.judges.specs if s.kind == "rubric"), default=1)
+    concurrency = min(1024, max(64, slots * cfg.judges.concurrency * cfg.judges.num_workers))
+    opts = actor_options("judge_engine", cfg, max_concurrency=concurrency)
     engines = {name: JudgeEngine.options(**opts).remote(path, max_model_len=max_len, seed=cfg.run.seed,
                                                         kv_cache_memory_bytes=kv)
                for name in names}
