@@ -216,3 +216,37 @@ def test_rubric_math_and_prompt_loading_import_no_ray_vllm_or_deepspeed(module: 
     from test_algo_purity import _loaded_after_import
 
     assert _loaded_after_import(module, ("ray", "vllm", "deepspeed")) == []
+
+
+def test_points_mode_gives_one_weight_row_per_group_for_the_aggregator():
+    import dataclasses
+    import types
+
+    import torch
+
+    from rvpo_async.algo import advantages
+
+    cfg = load_config(None, ["judges.specs=[{name: fmt, kind: regex, weight: 2.0, params: {pattern: x}}, "
+                             "{name: rubric, kind: rubric, weight: 0.5, params: {max_items: 4}}]"])
+    # algo.rubric_weights comes with the per-prompt weights of the algorithm; a stand-in config carries it here
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    shim = types.SimpleNamespace(**{**fields, "algo": types.SimpleNamespace(rubric_weights="points")},
+                                 reward_names=cfg.reward_names, reward_weights=cfg.reward_weights,
+                                 rubric_spec=cfg.rubric_spec)
+    other = Prompt("p1", "t", (1,), {"rubric": [{"criterion": "a", "points": 4.0}]})
+    view = RubricView(shim, [PROMPT, other])  # type: ignore[arg-type]
+    rows = view.weights(["p0", "p1", "p0"])
+    np.testing.assert_allclose(rows.numpy(), [[2, 1.0, 2.5, 0.5, 0], [2, 2.0, 0, 0, 0], [2, 1.0, 2.5, 0.5, 0]])
+    # what [B, K] weights mean to the aggregator: each group's own row (checked one group at a time against
+    # the float64 NumPy reference, as the [K] interface takes them)
+    import reference
+
+    rewards = torch.rand(3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(rewards, dtype=torch.bool)
+    mask[1, :, 2:] = False
+    mask[[0, 2], :, 4] = False
+    for b in range(3):
+        got = advantages(rewards[b:b + 1], "rvpo", weights=rows[b], mask=mask[b:b + 1], batch_norm=False)
+        ref = reference.advantages(rewards[b:b + 1].numpy(), "rvpo", weights=rows[b].numpy(),
+                                   mask=mask[b:b + 1].numpy(), batch_norm=False)
+        np.testing.assert_allclose(got.numpy(), ref, atol=1e-10)
