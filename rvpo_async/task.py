@@ -112,8 +112,8 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
                  criterion_key: str = "criterion", weight_key: str = "points", rubric_max_items: int | None = None,
                  rubric_overflow: Overflow = "error", need_rubric: bool = False) -> list[dict[str, Any]]:
     """Rows {id, prompt, meta} of a prompts source. Fields other than id and the prompt stay in meta
-    for the judges; a rubric (under `rubric_field`, or HealthBench's `rubrics`) is checked and stored
-    as meta["rubric"] = [{criterion, points}]. Errors name the file, the row (or line) and the field."""
+    for the judges. With `need_rubric` (a rubric judge is configured) every row needs a rubric (under
+    `rubric_field`, or HealthBench's `rubrics`), checked and stored as meta["rubric"] = [{criterion, points}]. Errors name the file, the row (or line) and the field."""
     p = Path(path)
     if not p.exists():
         packaged = Path(__file__).resolve().parent.parent / path  # rvpo_async/data/... from any directory
@@ -130,6 +130,8 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
             raise PromptFileError(f"{where}: missing field '{prompt_field}' (task.prompt_field); fields: {sorted(obj)}")
         prompt = _prompt_value(obj[prompt_field], where, prompt_field)
         rfield = rubric_field if rubric_field in obj or "rubrics" not in obj else "rubrics"
+        if not need_rubric:  # no rubric judge: a field of that name is plain judge metadata
+            rfield = ""
         meta = {k: v for k, v in obj.items() if k not in ("id", prompt_field, rfield)}
         if rfield in obj:
             try:
@@ -140,7 +142,7 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
             meta[RUBRIC_META] = as_meta(criteria)
             if dropped:
                 meta[DROPPED_KEY] = dropped
-        elif need_rubric:
+        elif rfield:
             raise PromptFileError(f"{where}: missing field '{rubric_field}' (task.rubric_field); the rubric judge "
                                   f"grades each prompt's own criteria")
         rows.append({"id": str(obj.get("id", f"p{n:05d}")), "prompt": prompt, "meta": meta})
@@ -149,17 +151,22 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
     return rows
 
 
-def load_prompts(cfg: Config, tokenizer: Any) -> list[Prompt]:
-    """Chat-format and tokenise every prompt of the configured task."""
-    if cfg.task.name == "constraints":
+def file_rows(cfg: Config, path: str) -> list[dict[str, Any]]:
+    """`file_prompts` of `path` with the configured field mapping and the rubric judge's limits."""
+    t, spec = cfg.task, cfg.rubric_spec
+    return file_prompts(path, prompt_field=t.prompt_field, rubric_field=t.rubric_field, criterion_key=t.criterion_key,
+                        weight_key=t.weight_key, rubric_max_items=len(spec.slot_names) if spec else None,
+                        rubric_overflow=spec.params.get("overflow", "error") if spec else "error",
+                        need_rubric=spec is not None)
+
+
+def load_prompts(cfg: Config, tokenizer: Any, path: str | None = None) -> list[Prompt]:
+    """Chat-format and tokenise every prompt of the configured task, or of the prompts file `path` (an
+    evaluation file, read with the same field mapping)."""
+    if path is None and cfg.task.name == "constraints":
         rows = constraint_prompts(cfg.task.num_prompts, cfg.run.seed)
     else:
-        t, spec = cfg.task, cfg.rubric_spec
-        rows = file_prompts(str(t.prompts_file), prompt_field=t.prompt_field, rubric_field=t.rubric_field,
-                            criterion_key=t.criterion_key, weight_key=t.weight_key,
-                            rubric_max_items=len(spec.slot_names) if spec else None,
-                            rubric_overflow=spec.params.get("overflow", "error") if spec else "error",
-                            need_rubric=spec is not None)
+        rows = file_rows(cfg, path or str(cfg.task.prompts_file))
     out = []
     for r in rows:
         msgs = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]

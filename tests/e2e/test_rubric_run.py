@@ -28,7 +28,7 @@ PORTS = range(22240, 22260)  # this file's loopback ports (metrics endpoint, lea
 def test_train_on_the_rubric_config_grades_every_criterion_and_masks_absent_slots(tmp_path, tiny_model_dir,
                                                                                   ray_local):
     from rvpo_async.driver import train
-    from rvpo_async.task import file_prompts
+    from rvpo_async.task import file_rows
 
     metrics_port, master_port = free_ports(PORTS, 2)
     run = tmp_path / "run"
@@ -39,7 +39,7 @@ def test_train_on_the_rubric_config_grades_every_criterion_and_masks_absent_slot
     report = train(cfg)
     assert report["steps"] == 2
 
-    criteria = {r["id"]: len(r["meta"]["rubric"]) for r in file_prompts(cfg.task.prompts_file)}
+    criteria = {r["id"]: len(r["meta"]["rubric"]) for r in file_rows(cfg, str(cfg.task.prompts_file))}
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     groups = [g for r in rows for g in r["rubric_groups"]]
     assert len(groups) == 2 * 2

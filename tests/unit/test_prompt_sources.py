@@ -41,7 +41,7 @@ def _write_all(tmp_path: Path, rows: list[dict]) -> dict[str, Path]:
 
 def test_the_same_rows_from_jsonl_json_parquet_and_save_to_disk_give_identical_prompts(tmp_path: Path):
     paths = _write_all(tmp_path, ROWS)
-    loaded = {kind: file_prompts(str(p), rubric_max_items=17) for kind, p in paths.items()}
+    loaded = {kind: file_prompts(str(p), rubric_max_items=17, need_rubric=True) for kind, p in paths.items()}
     assert loaded["jsonl"] == loaded["json"] == loaded["parquet"] == loaded["disk"]
     first = loaded["parquet"][0]
     assert first["meta"]["rubric"] == [{"criterion": "Names one fruit", "points": 5.0},
@@ -49,16 +49,16 @@ def test_the_same_rows_from_jsonl_json_parquet_and_save_to_disk_give_identical_p
     assert first["meta"]["topic"] == "food" and "rubrics" not in first["meta"]
     # the second row has no 'tags': a columnar source fills them with None, which is not kept
     assert loaded["disk"][1]["meta"] == {"topic": "greeting", "rubric": [{"criterion": "Says hi", "points": 1.0}]}
-    chats = {kind: file_prompts(str(p)) for kind, p in _write_all(tmp_path / "chat", CHAT_ROWS).items()}
+    chats = {kind: file_prompts(str(p), need_rubric=True) for kind, p in _write_all(tmp_path / "chat", CHAT_ROWS).items()}
     assert chats["jsonl"] == chats["json"] == chats["parquet"] == chats["disk"]
     assert chats["disk"][0]["prompt"] == CHAT
 
 
-def test_a_chat_message_prompt_goes_through_the_chat_template_as_is(tmp_path: Path, tiny_model_dir: str):
-    from transformers import AutoTokenizer
+def test_a_chat_message_prompt_goes_through_the_chat_template_as_is(tmp_path: Path):
+    from rvpo_async.tiny_model import build_tokenizer
 
     paths = _write_all(tmp_path, CHAT_ROWS)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = build_tokenizer(0)
     cfg = load_config(None, ["task.name=file", f"task.prompts_file={paths['parquet']}"])
     prompts = load_prompts(cfg, tok)
     assert prompts[0].text == tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
@@ -70,7 +70,8 @@ def test_rar_rubrics_read_title_and_description_with_weights(tmp_path: Path):
     f.write_text(json.dumps({"question": "Why is the sky blue?", "rubric": [
         {"title": "Essential", "description": "Mentions Rayleigh scattering", "weight": 5},
         {"title": "Pitfall", "description": "Claims the sky reflects the ocean", "weight": -2}]}) + "\n")
-    rows = file_prompts(str(f), prompt_field="question", criterion_key="description", weight_key="weight")
+    rows = file_prompts(str(f), prompt_field="question", criterion_key="description", weight_key="weight",
+                        need_rubric=True)
     assert rows[0]["prompt"] == "Why is the sky blue?"
     assert rows[0]["meta"]["rubric"] == [{"criterion": "Essential: Mentions Rayleigh scattering", "points": 5.0},
                                          {"criterion": "Pitfall: Claims the sky reflects the ocean", "points": -2.0}]
@@ -79,7 +80,7 @@ def test_rar_rubrics_read_title_and_description_with_weights(tmp_path: Path):
 def test_criteria_past_max_items_are_dropped_and_counted_when_configured(tmp_path: Path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "x", "rubric": [f"item {i}" for i in range(5)]}) + "\n")
-    rows = file_prompts(str(f), rubric_max_items=3, rubric_overflow="drop")
+    rows = file_prompts(str(f), rubric_max_items=3, rubric_overflow="drop", need_rubric=True)
     assert [c["criterion"] for c in rows[0]["meta"]["rubric"]] == ["item 0", "item 1", "item 2"]
     assert rows[0]["meta"]["rubric_dropped"] == 2
 
@@ -108,13 +109,19 @@ def test_malformed_rubric_rows_name_file_row_and_field(tmp_path: Path, row: dict
         file_prompts(str(f), rubric_max_items=17, need_rubric=True)
 
 
+def test_without_a_rubric_judge_a_rubric_field_is_plain_metadata(tmp_path: Path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "x", "rubric": "free text, not criteria"}) + "\n")
+    assert file_prompts(str(f))[0]["meta"] == {"rubric": "free text, not criteria"}
+
+
 def test_malformed_rows_in_parquet_name_the_row(tmp_path: Path):
     import datasets
 
     f = tmp_path / "p.parquet"
     datasets.Dataset.from_list([{"prompt": "a", "rubric": ["x"]}, {"prompt": "b", "rubric": ["y"] * 4}]).to_parquet(str(f))
     with pytest.raises(PromptFileError, match=r"p\.parquet: row 2 \(id \?\): field 'rubric' has 4 criteria"):
-        file_prompts(str(f), rubric_max_items=3)
+        file_prompts(str(f), rubric_max_items=3, need_rubric=True)
 
 
 @pytest.mark.parametrize("data, match", [

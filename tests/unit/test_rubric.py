@@ -250,3 +250,32 @@ def test_points_mode_gives_one_weight_row_per_group_for_the_aggregator():
         ref = reference.advantages(rewards[b:b + 1].numpy(), "rvpo", weights=rows[b].numpy(),
                                    mask=mask[b:b + 1].numpy(), batch_norm=False)
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-10)
+
+
+def test_rubric_judge_over_http_sends_one_request_per_criterion(monkeypatch):
+    from test_judges import KEY, Stub, StubHandler  # the OpenAI-compatible stub of the HTTP judge tests
+    import threading
+
+    server = None
+    for port in range(21200, 21220):
+        try:
+            server = Stub(("127.0.0.1", port), StubHandler)
+            break
+        except OSError:
+            continue
+    assert server is not None, "no free port in 21200-21219"
+    server.requests, server.reply = [], "yes"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("RVPO_TEST_JUDGE_KEY", KEY)
+    try:
+        judge = build_rubric_judge(JudgeSpec("rubric", "rubric", params={
+            "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "judge-1", "max_items": 4,
+            "api_key_env": "RVPO_TEST_JUDGE_KEY"}), {"default_timeout_s": 5.0})
+        out = judge.score_all(PROMPT, "hello")
+        assert [r.status for r in out] == ["ok"] * 3 + ["absent"]
+        assert [r.value for r in out[:3]] == [1.0, 0.0, 1.0]  # "yes" to the pitfall scores 0
+        asked = sorted(body["messages"][-1]["content"].split("\n")[0] for _, _, body in server.requests)
+        assert asked == ["Rubric: Is rude", "Rubric: SLOW criterion", "Rubric: Says hello"]
+    finally:
+        server.shutdown()
+        server.server_close()
