@@ -152,7 +152,7 @@ class GroupBuffer:
             raise IndexError(f"judge_idx {k} out of range: this buffer has {self._k} judges {self._judge_names}")
         if not isinstance(res, JudgeResult) or res.status not in _WRITABLE:
             raise ValueError(f"reward for group {gid} sample {i} judge {self._judge_names[k]!r}: expected a "
-                             f"JudgeResult with status ok/timeout/error/invalid, got {res!r}")
+                             f"JudgeResult with status ok/timeout/error/invalid/absent, got {res!r}")
 
     def _store(self, gid: int, i: int, k: int, res: JudgeResult) -> None:
         p = self._pending.get(gid)

@@ -15,8 +15,9 @@ import ray
 
 from rvpo_async.algo import advantages, reward_diagnostics
 from rvpo_async.config import Config
+from rvpo_async.rubric_view import RUBRIC_ROW_KEYS, RubricView
+from rvpo_async.rubric_view import nan_or as _nan
 from rvpo_async.task import prompt_stream
-from rvpo_async.rubric_view import RUBRIC_ROW_KEYS, RubricView, nan_or as _nan
 from rvpo_async.types import STATUS_CODES, Prompt
 
 log = logging.getLogger("rvpo_async")
@@ -171,8 +172,8 @@ class Stepper:
                                  "'error'; see the judge failure counts in the run log")
         prompt_ids = table.column("prompt_id").to_pylist()[::rewards.shape[1]]  # one per group
         adv = advantages(rewards.double(), cfg.algo.aggregator, k_risk=cfg.algo.k_risk,
-                         weights=self.rubric.weights(prompt_ids), beta=cfg.algo.beta, batch_norm=cfg.algo.batch_norm,
-                         eps=cfg.algo.eps, mask=mask)
+                         weights=self.rubric.weights(prompt_ids), beta=cfg.algo.beta,
+                         batch_norm=cfg.algo.batch_norm, eps=cfg.algo.eps, mask=mask)
         batch["advantages"] = adv.reshape(-1).float()
         with self.weights_lock:
             t0 = time.perf_counter()
@@ -238,7 +239,8 @@ class Stepper:
                              is_weight_mean=float(ls["is_weight_mean"]), is_weight_max=float(ls["is_weight_max"]))
             m.record_rewards({n: row["reward_mean"][n] for n in m.reward_names},
                              {n: row["reward_std"][n] for n in m.reward_names}, row["inter_variance"],
-                             {n: row["bottleneck_share"][n] for n in m.reward_names}, worst_mean=row["worst_reward_mean"])
+                             {n: row["bottleneck_share"][n] for n in m.reward_names},
+                             worst_mean=row["worst_reward_mean"])
             if r.get("rubric"):
                 m.record_rubric(*(_nan(row[k]) for k in RUBRIC_ROW_KEYS), row["rubric_criteria"])
             m.set_policy_version(st.version)

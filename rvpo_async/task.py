@@ -51,7 +51,8 @@ def _source_rows(p: Path) -> Iterator[tuple[str, Any]]:
             ds: Any = datasets.load_from_disk(str(p)) if p.is_dir() else \
                 datasets.Dataset.from_parquet(str(p), cache_dir=None, keep_in_memory=True)
         except Exception as e:  # the library raises many kinds; all mean the same to a user here
-            raise PromptFileError(f"{p}: cannot be read as a {'datasets.save_to_disk directory' if p.is_dir() else 'parquet file'}"
+            kind = "datasets.save_to_disk directory" if p.is_dir() else "parquet file"
+            raise PromptFileError(f"{p}: cannot be read as a {kind}"
                                   f" ({type(e).__name__}: {e})") from e
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
@@ -69,7 +70,8 @@ def _source_rows(p: Path) -> Iterator[tuple[str, Any]]:
             rows = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as e:
             line = data[:e.start].count(b"\n") + 1
-            raise PromptFileError(f"{p}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+            raise PromptFileError(f"{p}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+                                  ) from None
         except json.JSONDecodeError as e:
             raise PromptFileError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
         for i, row in enumerate(rows):
@@ -79,7 +81,8 @@ def _source_rows(p: Path) -> Iterator[tuple[str, Any]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise PromptFileError(f"{p}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            raise PromptFileError(f"{p}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                  f"{e.start + 1})") from None
         if not line.strip():
             continue
         try:
@@ -113,7 +116,8 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
                  rubric_overflow: Overflow = "error", need_rubric: bool = False) -> list[dict[str, Any]]:
     """Rows {id, prompt, meta} of a prompts source. Fields other than id and the prompt stay in meta
     for the judges. With `need_rubric` (a rubric judge is configured) every row needs a rubric (under
-    `rubric_field`, or HealthBench's `rubrics`), checked and stored as meta["rubric"] = [{criterion, points}]. Errors name the file, the row (or line) and the field."""
+    `rubric_field`, or HealthBench's `rubrics`), checked and stored as meta["rubric"] = [{criterion, points}].
+    Errors name the file, the row (or line) and the field."""
     p = Path(path)
     if not p.exists():
         packaged = Path(__file__).resolve().parent.parent / path  # rvpo_async/data/... from any directory
@@ -135,8 +139,9 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
         meta = {k: v for k, v in obj.items() if k not in ("id", prompt_field, rfield)}
         if rfield in obj:
             try:
-                criteria, dropped = parse_rubric(obj[rfield], rfield, criterion_key=criterion_key, weight_key=weight_key,
-                                                 max_items=rubric_max_items, overflow=rubric_overflow)
+                criteria, dropped = parse_rubric(obj[rfield], rfield, criterion_key=criterion_key,
+                                                 weight_key=weight_key, max_items=rubric_max_items,
+                                                 overflow=rubric_overflow)
             except RubricError as e:
                 raise PromptFileError(f"{where} (id {obj.get('id', '?')}): {e}") from None
             meta[RUBRIC_META] = as_meta(criteria)
