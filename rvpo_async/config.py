@@ -113,6 +113,8 @@ class JudgeSpec:
         m = self.params.get("max_items", DEFAULT_MAX_ITEMS) if self.kind == "rubric" else 1
         if self.kind == "rubric" and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 99):
             yield "params.max_items", f"must be an integer in [1, 99], got {m!r}"
+        if self.kind == "rubric" and self.params.get("overflow", "error") not in ("error", "drop"):
+            yield "params.overflow", f"must be 'error' or 'drop', got {self.params['overflow']!r}"
 
     @property
     def slot_names(self) -> list[str]:

@@ -56,6 +56,8 @@ def test_rubric_slots_extend_the_reward_names_after_the_rule_judges():
         load_config(None, ["judges.specs=[{name: r, kind: rubric}, {name: f, kind: regex, params: {pattern: x}}]"])
     with pytest.raises(ConfigError, match=r"judges.specs\[0\].params.max_items': must be an integer in \[1, 99\]"):
         load_config(None, ["judges.specs=[{name: r, kind: rubric, params: {max_items: 0}}]"])
+    with pytest.raises(ConfigError, match=r"judges.specs\[0\].params.overflow': must be 'error' or 'drop'"):
+        load_config(None, ["judges.specs=[{name: r, kind: rubric, params: {overflow: skip}}]"])
 
 
 def test_every_criterion_is_one_request_and_pitfalls_score_one_minus_p():
