@@ -10,6 +10,7 @@ while never producing it, which is the constraint neglect RVPO is meant to preve
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +19,8 @@ from rvpo_async.config import Config
 from rvpo_async.rubric import DROPPED_KEY, Overflow, RubricError, as_meta, parse_rubric
 from rvpo_async.rubric import META_KEY as RUBRIC_META
 from rvpo_async.types import Prompt
+
+log = logging.getLogger("rvpo_async")
 
 TOPICS = ["the cat", "a robot", "the river", "my friend", "the garden", "a teacher", "the ship", "the sun",
           "the city", "a bird", "our team", "green tea", "the red ball", "clean water", "a quiet room"]
@@ -159,10 +162,15 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
 def file_rows(cfg: Config, path: str) -> list[dict[str, Any]]:
     """`file_prompts` of `path` with the configured field mapping and the rubric judge's limits."""
     t, spec = cfg.task, cfg.rubric_spec
-    return file_prompts(path, prompt_field=t.prompt_field, rubric_field=t.rubric_field, criterion_key=t.criterion_key,
+    rows = file_prompts(path, prompt_field=t.prompt_field, rubric_field=t.rubric_field, criterion_key=t.criterion_key,
                         weight_key=t.weight_key, rubric_max_items=len(spec.slot_names) if spec else None,
                         rubric_overflow=spec.params.get("overflow", "error") if spec else "error",
                         need_rubric=spec is not None)
+    dropped = [r["meta"][DROPPED_KEY] for r in rows if DROPPED_KEY in r["meta"]]
+    if dropped:
+        log.warning("%s: %d criteria of %d prompt(s) beyond the rubric judge's max_items were dropped "
+                    "(overflow: drop)", path, sum(dropped), len(dropped))
+    return rows
 
 
 def load_prompts(cfg: Config, tokenizer: Any, path: str | None = None) -> list[Prompt]:

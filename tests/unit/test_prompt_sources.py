@@ -158,3 +158,16 @@ def test_the_shipped_rubric_dataset_loads_with_3_to_17_criteria_and_some_pitfall
     assert len(rows) == 64 and min(counts) == 3 and max(counts) == 17
     points = [c["points"] for r in rows for c in r["meta"]["rubric"]]
     assert any(p < 0 for p in points) and len(set(points)) > 2
+
+
+def test_the_run_config_applies_the_rubric_judges_limits_and_logs_dropped_criteria(tmp_path: Path, caplog):
+    from rvpo_async.task import file_rows
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "x", "rubric": [f"c{i}" for i in range(5)]}) + "\n")
+    spec = "judges.specs=[{name: r, kind: rubric, params: {max_items: 3, overflow: %s}}]"
+    with pytest.raises(PromptFileError, match=r"p\.jsonl:1 \(id \?\): field 'rubric' has 5 criteria"):
+        file_rows(load_config(None, [spec % "error"]), str(f))
+    with caplog.at_level("WARNING", logger="rvpo_async"):
+        rows = file_rows(load_config(None, [spec % "drop"]), str(f))
+    assert len(rows[0]["meta"]["rubric"]) == 3 and "2 criteria of 1 prompt(s)" in caplog.text
