@@ -86,7 +86,7 @@ class JudgePool:
         if not j.specs:
             raise ValueError("judges.specs is empty: a judge pool needs at least one judge spec")
         self._cfg = cfg
-        self._names = [s.name for s in j.specs]
+        self._names = cfg.reward_names  # one per reward slot: a rubric judge has max_items of them
         self._worker_args = (list(j.specs), dict(engine_handles or {}), j.concurrency, j.timeout_s)
         self._extra = dict(extra_builders or {})
         for spec in j.specs:  # a bad spec fails here, naming its param, not later as a dead worker
@@ -313,7 +313,7 @@ class JudgePool:
             out.append((item.group_id, item.sample_idx, k, r))
             self._counts[k][r.status] += 1
             self._latency[k].append(r.latency_s)
-            if r.status != "ok":
+            if r.status not in ("ok", "absent"):  # an absent rubric slot is no failure
                 reasons = self._failures.setdefault(r.status, Counter())
                 reasons[r.reason if r.reason in reasons or len(reasons) < _MAX_REASONS else "other"] += 1
 

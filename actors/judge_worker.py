@@ -15,11 +15,14 @@ from typing import Any
 
 import ray
 
-from actors.judges import Builder, build_judge, evaluate, timed_out
+from actors.judges import Builder, SlotJudge, build_judge, evaluate, evaluate_slots, timed_out
 from actors.llm_judge import JudgeEngine
 from rvpo_async.config import Config, JudgeSpec
 from rvpo_async.placement import actor_options
 from rvpo_async.types import JudgeResult, Prompt
+
+
+_SLOT_GRACE_S = 2.0
 
 
 class SampleScorer:
@@ -38,18 +41,25 @@ class SampleScorer:
                        for k in range(len(self.judges))]
 
     def ready(self) -> int:
-        return len(self.judges)
+        return sum(j.slots if isinstance(j, SlotJudge) else 1 for j in self.judges)
 
     def score_sample(self, prompt: Prompt, text: str) -> list[JudgeResult]:
+        """K entries: one per judge, or `slots` for a slot judge (the rubric judge), in spec order."""
         t0 = time.perf_counter()
-        futures = [pool.submit(evaluate, j, prompt, text) for j, pool in zip(self.judges, self._pools)]
-        results = []
+        futures = [pool.submit(evaluate_slots if isinstance(j, SlotJudge) else evaluate, j, prompt, text)
+                   for j, pool in zip(self.judges, self._pools)]
+        results: list[JudgeResult] = []
         for judge, fut, limit in zip(self.judges, futures, self.timeouts):
+            slots = judge.slots if isinstance(judge, SlotJudge) else 0
+            # a slot judge keeps a deadline per slot itself; this one only catches a judge that hangs
+            grace = _SLOT_GRACE_S if slots else 0.0
             try:
-                results.append(fut.result(timeout=max(0.0, t0 + limit - time.perf_counter())))
+                got = fut.result(timeout=max(0.0, t0 + limit + grace - time.perf_counter()))
             except FutureTimeout:
                 fut.cancel()
-                results.append(timed_out(judge, limit, time.perf_counter() - t0))
+                got = timed_out(judge, limit, time.perf_counter() - t0)
+                got = [got] * slots if slots else got
+            results.extend(got if slots else [got])
         return results
 
 
@@ -60,12 +70,17 @@ def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> 
     """One JudgeEngine per distinct `engine` param among the 'llm' judge specs, each serving the judge model
     of `judges.engine` (`model_path`, the policy's starting model, when that names none). Waits until each
     has loaded its model (`wait`), so no judge's first deadline is spent on startup."""
-    names = sorted({s.params.get("engine", "default") for s in cfg.judges.specs if s.kind == "llm"})
+    names = sorted({s.params.get("engine", "default") for s in cfg.judges.specs
+                    if s.kind == "llm" or (s.kind == "rubric" and s.params.get("base_url") is None)})
     judge_model = cfg.judges.engine
     path = judge_model.model_path or model_path
     max_len = judge_model.max_model_len or cfg.model.max_model_len
     kv = judge_model.kv_cache_memory_bytes or cfg.rollout.kv_cache_memory_bytes
-    opts = actor_options("judge_engine", cfg, max_concurrency=64)
+    # a rubric judge sends one call per (response, criterion): let them all queue in the engine, where its
+    # serving thread batches them, rather than wait for an actor thread (which would spend their deadline)
+    slots = max((len(s.slot_names) for s in cfg.judges.specs if s.kind == "rubric"), default=1)
+    concurrency = min(1024, max(64, slots * cfg.judges.concurrency * cfg.judges.num_workers))
+    opts = actor_options("judge_engine", cfg, max_concurrency=concurrency)
     engines = {name: JudgeEngine.options(**opts).remote(path, max_model_len=max_len, seed=cfg.run.seed,
                                                         kv_cache_memory_bytes=kv)
                for name in names}

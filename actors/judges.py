@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from numbers import Real
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 # Check, first_json_object, final_answer and normalise_answer are re-exported: callers import them from here
 from actors.rule_judges import (  # noqa: F401
@@ -54,7 +54,18 @@ class Judge(Protocol):
     def score(self, prompt: Prompt, sample_text: str) -> float: ...
 
 
-Builder = Callable[[JudgeSpec, Mapping[str, Any]], Judge]
+@runtime_checkable
+class SlotJudge(Protocol):
+    """A judge filling `slots` reward entries per response (the rubric judge: one per criterion slot).
+    `score_all` never raises and keeps its own deadlines, so one slot can time out alone."""
+
+    name: str
+    slots: int
+
+    def score_all(self, prompt: Prompt, sample_text: str) -> list[JudgeResult]: ...
+
+
+Builder = Callable[[JudgeSpec, Mapping[str, Any]], "Judge | SlotJudge"]
 
 
 class Params:
@@ -189,11 +200,12 @@ RULE_BUILDERS: dict[str, Builder] = {
 def _model_builders() -> dict[str, Builder]:
     # imported here: the rule judges stay importable without ray or an HTTP stack
     from actors.llm_judge import build_http_judge, build_llm_judge
+    from actors.rubric_judge import build_rubric_judge
 
-    return {"llm": build_llm_judge, "http": build_http_judge}
+    return {"llm": build_llm_judge, "http": build_http_judge, "rubric": build_rubric_judge}
 
 
-def build_judge(spec: JudgeSpec, **deps: Any) -> Judge:
+def build_judge(spec: JudgeSpec, **deps: Any) -> Judge | SlotJudge:
     """Build the judge a spec names. `deps` carry what some kinds need: `engine_handles` (name ->
     JudgeEngine actor, for 'llm'), `default_timeout_s`, and `extra_builders` (kind -> builder) for
     kinds defined outside this package, which may not shadow a built-in kind."""
@@ -238,7 +250,20 @@ def evaluate(judge: Judge, prompt: Prompt, text: str) -> JudgeResult:
     return check_value(judge, value, time.perf_counter() - t0)
 
 
-def timed_out(judge: Judge, timeout_s: float, latency_s: float) -> JudgeResult:
+def evaluate_slots(judge: SlotJudge, prompt: Prompt, text: str) -> list[JudgeResult]:
+    """`judge.score_all`, made total: an exception or a wrong number of entries masks every slot 'error'."""
+    t0 = time.perf_counter()
+    try:
+        results = list(judge.score_all(prompt, text))
+        if len(results) == judge.slots and all(isinstance(r, JudgeResult) for r in results):
+            return results
+        reason = f"judge '{judge.name}' returned {len(results)} entries, expected {judge.slots}"
+    except Exception as e:  # any failure of one judge masks only its entries
+        reason = f"judge '{judge.name}' raised {type(e).__name__}: {e}"
+    return [masked("error", reason, time.perf_counter() - t0)] * judge.slots
+
+
+def timed_out(judge: Judge | SlotJudge, timeout_s: float, latency_s: float) -> JudgeResult:
     return masked("timeout", f"judge '{judge.name}' still running at its deadline {timeout_s:g}s", latency_s)
 
 

@@ -231,10 +231,13 @@ class HTTPJudge:
     high: float = 1.0
 
     def score(self, prompt: Prompt, sample_text: str) -> float:
+        return self.ask(judge_question(self.rubric, prompt.text, sample_text, self.mode))
+
+    def ask(self, question: str) -> float:
+        """The grade of one judge question (a rubric judge asks one per criterion)."""
         key = os.environ.get(self.api_key_env, "")
         body = {"model": self.model, "temperature": 0, "max_tokens": 8, "messages": [
-            {"role": "system", "content": _SYSTEM[self.mode]},
-            {"role": "user", "content": judge_question(self.rubric, prompt.text, sample_text, self.mode)}]}
+            {"role": "system", "content": _SYSTEM[self.mode]}, {"role": "user", "content": question}]}
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
         problem = ""
@@ -261,11 +264,15 @@ def _redact(message: str, key: str) -> str:
     return message.replace(key, "[redacted]") if key else message
 
 
-def build_http_judge(spec: JudgeSpec, deps: Mapping[str, Any]) -> Judge:
-    p = Params(spec, ["base_url", "model", "rubric"], {"api_key_env": "OPENAI_API_KEY", "mode": "yesno"})
+def http_url(p: Params) -> str:
+    """The chat-completions URL of params `base_url` (with or without its /v1)."""
     base = p.text("base_url").rstrip("/")
     if not re.match(r"https?://", base):
         raise p.error("base_url", f"must start with http:// or https://, got {base!r}")
-    url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
-    return HTTPJudge(spec.name, url, p.text("model"), p.text("rubric"), p.choice("mode", MODES),
+    return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+
+
+def build_http_judge(spec: JudgeSpec, deps: Mapping[str, Any]) -> Judge:
+    p = Params(spec, ["base_url", "model", "rubric"], {"api_key_env": "OPENAI_API_KEY", "mode": "yesno"})
+    return HTTPJudge(spec.name, http_url(p), p.text("model"), p.text("rubric"), p.choice("mode", MODES),
                      p.text("api_key_env"), _timeout(spec, deps))

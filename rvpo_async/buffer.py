@@ -1,7 +1,8 @@
 """The group buffer: scored rollout groups held as Arrow record batches until the learner pulls them.
 
-A group of G samples waits for G x K reward entries (K judges). An entry is valid when its judge said
-'ok' with a finite value; timeouts, errors, invalid outputs and non-finite values are MASKED: present,
+A group of G samples waits for G x K reward entries (K reward slots). An entry is valid when its judge said
+'ok' with a finite value; timeouts, errors, invalid outputs, non-finite values and 'absent' rubric slots
+(the prompt has fewer criteria than the rubric judge's slots) are MASKED: present,
 not trained on, and counted. A group is READY once every entry is present or masked. Pending groups are
 plain Python lists (written one entry at a time); a ready group is written once and then only read, so
 it becomes one Arrow RecordBatch: columnar buffers cross Ray's object store without copying and turn
@@ -68,7 +69,7 @@ class _Ready:
 def _new_counters() -> dict[str, Any]:
     return {"groups_added": 0, "groups_became_ready": 0, "groups_pulled": 0, "dropped": {"stale": 0},
             "masked": {s: 0 for s in MASKED_STATUSES}, "nonfinite_values": 0, "duplicate_writes": 0,
-            "entries_written": 0, "rows_ingested": 0, "rows_pulled": 0}
+            "entries_written": 0, "rows_ingested": 0, "rows_pulled": 0, "absent_entries": 0}
 
 
 class GroupBuffer:
@@ -152,7 +153,7 @@ class GroupBuffer:
             raise IndexError(f"judge_idx {k} out of range: this buffer has {self._k} judges {self._judge_names}")
         if not isinstance(res, JudgeResult) or res.status not in _WRITABLE:
             raise ValueError(f"reward for group {gid} sample {i} judge {self._judge_names[k]!r}: expected a "
-                             f"JudgeResult with status ok/timeout/error/invalid, got {res!r}")
+                             f"JudgeResult with status ok/timeout/error/invalid/absent, got {res!r}")
 
     def _store(self, gid: int, i: int, k: int, res: JudgeResult) -> None:
         p = self._pending.get(gid)
@@ -171,7 +172,9 @@ class GroupBuffer:
             else:
                 status = "invalid"
                 self._counters["nonfinite_values"] += 1
-        if status != "ok":
+        if status == "absent":
+            self._counters["absent_entries"] += 1
+        elif status != "ok":
             self._counters["masked"][status] += 1
         p.status[j] = STATUS_CODES[status]
         self._counters["entries_written"] += 1

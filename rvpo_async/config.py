@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional
 
+from rvpo_async.rubric import DEFAULT_MAX_ITEMS, slot_names
+
 
 class ConfigError(ValueError):
     """A config file or override is malformed; the message names the key."""
@@ -49,14 +51,21 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: Literal["constraints", "file"] = "constraints"
-    prompts_file: Optional[str] = None  # jsonl with a "prompt" field, for name=file
+    prompts_file: Optional[str] = None  # .jsonl, .json, .parquet or a datasets.save_to_disk dir, for name=file
     num_prompts: int = 256
+    prompt_field: str = "prompt"  # a string, or a chat message list [{role, content}]
+    rubric_field: str = "rubric"  # a prompt's own criteria, for the 'rubric' judge kind
+    criterion_key: str = "criterion"  # criterion text inside a rubric item ('description' reads RaR's title too)
+    weight_key: str = "points"  # a rubric item's points or weight (negative: a pitfall)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.name == "file" and not self.prompts_file:
             yield "prompts_file", "is required when task.name is 'file'"
         if self.num_prompts < 1:
             yield "num_prompts", f"must be >= 1, got {self.num_prompts}"
+        for key in ("prompt_field", "rubric_field", "criterion_key", "weight_key"):
+            if not getattr(self, key):
+                yield key, "must be a non-empty field name"
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class JudgeSpec:
     name: str
-    kind: Literal["regex", "length", "keywords", "forbidden", "json_schema", "exact_match", "llm", "http"]
+    kind: Literal["regex", "length", "keywords", "forbidden", "json_schema", "exact_match", "llm", "http", "rubric"]
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     timeout_s: Optional[float] = None  # overrides judges.timeout_s
@@ -101,6 +110,18 @@ class JudgeSpec:
             yield "name", "must be a non-empty string"
         if self.weight < 0:
             yield "weight", f"must be >= 0, got {self.weight}"
+        m = self.params.get("max_items", DEFAULT_MAX_ITEMS) if self.kind == "rubric" else 1
+        if self.kind == "rubric" and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 99):
+            yield "params.max_items", f"must be an integer in [1, 99], got {m!r}"
+        if self.kind == "rubric" and self.params.get("overflow", "error") not in ("error", "drop"):
+            yield "params.overflow", f"must be 'error' or 'drop', got {self.params['overflow']!r}"
+
+    @property
+    def slot_names(self) -> list[str]:
+        """The reward names this judge fills: its own name, or one per rubric slot for kind 'rubric'."""
+        if self.kind != "rubric":
+            return [self.name]
+        return slot_names(self.name, self.params.get("max_items", DEFAULT_MAX_ITEMS))
 
 
 @dataclass(frozen=True)
@@ -159,6 +180,9 @@ class JudgesConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             yield "specs", f"judge names must be unique, repeated: {dup}"
+        rubric = [i for i, s in enumerate(self.specs) if s.kind == "rubric"]
+        if len(rubric) > 1 or (rubric and rubric[0] != len(self.specs) - 1):
+            yield "specs", "allows one judge of kind 'rubric', listed last (rule judges' slots come first)"
 
 
 @dataclass(frozen=True)
@@ -328,13 +352,23 @@ class Config:
 
     @property
     def reward_names(self) -> list[str]:
-        return [s.name for s in self.judges.specs]
+        """One per reward slot (K): a judge's name, or `<judge>/NN` for each slot of a rubric judge."""
+        return [n for s in self.judges.specs for n in s.slot_names]
 
     @property
     def reward_weights(self) -> list[float]:
-        if self.algo.reward_weights is not None:
-            return list(self.algo.reward_weights)
-        return [s.weight for s in self.judges.specs]
+        """One per reward slot; a rubric judge's weight is repeated over its slots."""
+        w = self.algo.reward_weights if self.algo.reward_weights is not None else [s.weight for s in self.judges.specs]
+        return [float(x) for x, s in zip(w, self.judges.specs) for _ in s.slot_names]
+
+    @property
+    def reward_judges(self) -> list[str]:
+        """The judge spec name of each reward slot (a bounded label: one per spec, not per slot)."""
+        return [s.name for s in self.judges.specs for _ in s.slot_names]
+
+    @property
+    def rubric_spec(self) -> Optional[JudgeSpec]:
+        return next((s for s in self.judges.specs if s.kind == "rubric"), None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

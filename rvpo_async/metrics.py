@@ -36,6 +36,7 @@ JUDGE_STATUSES: tuple[str, ...] = get_args(JudgeStatus)
 STALENESS_BUCKETS: tuple[float, ...] = tuple(float(i) for i in range(9))  # integer versions 0..8, then +Inf
 JUDGE_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WEIGHT_SYNC_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+RUBRIC_CRITERIA_BUCKETS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 17.0, 25.0, 50.0)
 LEARNER_STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 PerReward = Union[Sequence[float], Mapping[str, float]]
@@ -90,6 +91,13 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("rvpo_kl_ref", "gauge", (),
                "k3 estimate of KL(policy || initial model) per response token in the last learner step; "
                "NaN while the KL anchor is off (algo.kl_coef = 0)."),
+    MetricSpec("rvpo_rubric_met_ratio", "gauge", (),
+               "Share of the graded rubric criteria met (score >= 0.5) in the last learner batch."),
+    MetricSpec("rvpo_rubric_worst_mean", "gauge", (),
+               "Each response's lowest rubric criterion score, averaged over the last learner batch."),
+    MetricSpec("rvpo_rubric_pitfall_rate", "gauge", (),
+               "Share of graded pitfall criteria (negative points) the responses of the last batch fell into."),
+    MetricSpec("rvpo_rubric_criteria", "histogram", (), "Rubric criteria per trained prompt (group)."),
 )
 
 
@@ -161,6 +169,15 @@ class Metrics:
         self.k_risk = Gauge("rvpo_k_risk", h["rvpo_k_risk"], registry=r)
         self.kl_ref = Gauge("rvpo_kl_ref", h["rvpo_kl_ref"], registry=r)
 
+        # rubric statistics are aggregates over slots: a rubric slot is never a label value
+        self.rubric_met_ratio = Gauge("rvpo_rubric_met_ratio", h["rvpo_rubric_met_ratio"], registry=r)
+        self.rubric_worst_mean = Gauge("rvpo_rubric_worst_mean", h["rvpo_rubric_worst_mean"], registry=r)
+        self.rubric_pitfall_rate = Gauge("rvpo_rubric_pitfall_rate", h["rvpo_rubric_pitfall_rate"], registry=r)
+        self.rubric_criteria = Histogram("rvpo_rubric_criteria", h["rvpo_rubric_criteria"],
+                                         buckets=RUBRIC_CRITERIA_BUCKETS, registry=r)
+        for g in (self.rubric_met_ratio, self.rubric_worst_mean, self.rubric_pitfall_rate):
+            g.set(math.nan)
+
         for stage in STAGES:
             self.samples.labels(stage=stage)
         for state in BUFFER_STATES:
@@ -179,8 +196,10 @@ class Metrics:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Metrics":
-        """One reward entry per judge spec, both labelled by the spec's name."""
-        return cls(cfg.reward_names, cfg.reward_names)
+        """Per-reward series for the rule judges' rewards only (a rubric judge's slots are summarised by the
+        rvpo_rubric_* metrics instead); judge series labelled by judge spec name, one per spec."""
+        rubric = set(cfg.rubric_spec.slot_names) if cfg.rubric_spec else set()
+        return cls([n for n in cfg.reward_names if n not in rubric], [s.name for s in cfg.judges.specs])
 
     # ------------------------------------------------------------ record methods (called by the driver)
 
@@ -242,6 +261,18 @@ class Metrics:
         self.k_risk.set(float(k_risk))
         if kl_ref is not None:
             self.kl_ref.set(float(kl_ref))
+    def record_rubric(self, met_ratio: float, worst_mean: float, pitfall_rate: float,
+                      criteria_per_prompt: Sequence[int]) -> None:
+        """Rubric statistics of a learner batch (NaN where the batch had nothing to measure) and the number
+        of criteria of each of its prompts."""
+        for what, v in (("met_ratio", met_ratio), ("worst_mean", worst_mean), ("pitfall_rate", pitfall_rate)):
+            if not (math.isnan(v) or 0 <= v <= 1):
+                raise ValueError(f"rubric {what} must be in [0, 1] or NaN, got {v!r}")
+        self.rubric_met_ratio.set(met_ratio)
+        self.rubric_worst_mean.set(worst_mean)
+        self.rubric_pitfall_rate.set(pitfall_rate)
+        for n in criteria_per_prompt:
+            self.rubric_criteria.observe(_nonneg_int("criteria", n))
 
     def set_policy_version(self, v: int) -> None:
         self.policy_version.set(_nonneg_int("policy version", v))

@@ -15,6 +15,8 @@ import ray
 
 from rvpo_async.algo import advantages, reward_diagnostics
 from rvpo_async.config import Config
+from rvpo_async.rubric_view import RUBRIC_ROW_KEYS, RubricView
+from rvpo_async.rubric_view import nan_or as _nan
 from rvpo_async.schedule import k_risk_at
 from rvpo_async.task import prompt_stream
 from rvpo_async.types import STATUS_CODES, Prompt
@@ -98,6 +100,7 @@ class Stepper:
         self._next_tick = 0.0
         self.weights_lock = threading.Lock()  # a training step and its broadcast vs. an engine's catch-up
         self._seen = {"ready": 0, "dropped": 0}
+        self.rubric = RubricView(self.cfg, state.prompts)
 
     # ------------------------------------------------------------ data path
     def on_generated(self, groups: list[Any]) -> None:
@@ -112,9 +115,10 @@ class Stepper:
         if entries:
             self.pending_reward_refs.append(self.p.buffer.set_rewards.remote(entries))
             if self.p.metrics:
-                names = self.cfg.reward_names
+                judges = self.cfg.reward_judges  # labelled by judge spec, never by rubric slot
                 for _, _, k, res in entries:
-                    self.p.metrics.observe_judge(names[k], res.latency_s, res.status)
+                    if res.status != "absent":
+                        self.p.metrics.observe_judge(judges[k], res.latency_s, res.status)
         if len(self.pending_reward_refs) > 16 or (self.pending_reward_refs and not entries):
             done, self.pending_reward_refs = ray.wait(self.pending_reward_refs,
                                                       num_returns=len(self.pending_reward_refs), timeout=0)
@@ -179,9 +183,10 @@ class Stepper:
                                  "'error'; see the judge failure counts in the run log")
         # the learner's version counts the optimizer steps taken, resumed runs included
         k_risk = k_risk_at(int(self.p.learner.version), cfg.algo, cfg.run.steps)
+        prompt_ids = table.column("prompt_id").to_pylist()[::rewards.shape[1]]  # one per group
         adv = advantages(rewards.double(), cfg.algo.aggregator, k_risk=k_risk,
-                         weights=cfg.reward_weights, beta=cfg.algo.beta, batch_norm=cfg.algo.batch_norm,
-                         eps=cfg.algo.eps, mask=mask)
+                         weights=self.rubric.weights(prompt_ids), beta=cfg.algo.beta,
+                         batch_norm=cfg.algo.batch_norm, eps=cfg.algo.eps, mask=mask)
         batch["advantages"] = adv.reshape(-1).float()
         with self.weights_lock:
             t0 = time.perf_counter()
@@ -205,6 +210,7 @@ class Stepper:
             digest.update(repr(table.column(col).to_pylist()).encode())
         versions = batch["policy_version"].reshape(rewards.shape[0], -1)[:, 0]
         return {"stats": stats, "diag": diag, "version": version, "sync_s": sync_s, "k_risk": k_risk,
+                "rubric": self.rubric.batch_detail(prompt_ids, rewards.numpy(), batch["reward_status"].numpy()),
                 "train_s": t1 - t0, "staleness_values": [int(version - 1 - v) for v in versions.tolist()],
                 "group_ids": sorted(set(table.column("group_id").to_pylist())),
                 "samples": int(rewards.shape[0] * rewards.shape[1]),
@@ -233,6 +239,8 @@ class Stepper:
             "train_s": r["train_s"], "sync_s": r["sync_s"], "k_risk": r["k_risk"],
             "learner": {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))},
         }
+        if r.get("rubric"):  # per-slot detail lives here only, never in Prometheus labels
+            row.update(r["rubric"])
         if "timing" in r:
             row["timing"] = r["timing"]
             self.timings.append(r["timing"])
@@ -243,15 +251,19 @@ class Stepper:
             m.record_trained(r["tokens"], r["samples"], stal, r["train_s"],
                              is_truncated_ratio=float(ls["is_truncated_frac"]) + float(ls["is_masked_frac"]),
                              is_weight_mean=float(ls["is_weight_mean"]), is_weight_max=float(ls["is_weight_max"]))
-            m.record_rewards([row["reward_mean"][n] for n in names], [row["reward_std"][n] for n in names],
-                             row["inter_variance"], [row["bottleneck_share"][n] for n in names],
+            m.record_rewards({n: row["reward_mean"][n] for n in m.reward_names},
+                             {n: row["reward_std"][n] for n in m.reward_names}, row["inter_variance"],
+                             {n: row["bottleneck_share"][n] for n in m.reward_names},
                              worst_mean=row["worst_reward_mean"])
+            if r.get("rubric"):
+                m.record_rubric(*(_nan(row[k]) for k in RUBRIC_ROW_KEYS), row["rubric_criteria"])
             m.set_policy_version(st.version)
             m.observe_weight_sync(r["sync_s"])
             m.record_objective(r["k_risk"], ls.get("kl_ref"))
         bar.update(1)
         bar.set_postfix({"tok/s": f"{st.generated_tokens_this_run / max(bar.format_dict['elapsed'], 1e-9):.0f}",
-                         **{n[:8]: f"{row['reward_mean'][n]:.2f}" for n in names},
+                         **{n[:8]: f"{row['reward_mean'][n]:.2f}" for n in self.rubric.rule_names},
+                         **({"met": f"{_nan(row['rubric_met_ratio']):.2f}"} if r.get("rubric") else {}),
                          "stale": f"{sum(stal) / max(len(stal), 1):.1f}", "k": f"{r['k_risk']:.2f}"}, refresh=False)
         every = self.cfg.checkpoint.every
         if every and st.step % every == 0 and st.step < self.cfg.run.steps:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-JudgeStatus = Literal["ok", "timeout", "error", "invalid"]
-# a masked reward entry is any status other than "ok"
-STATUS_CODES: dict[str, int] = {"pending": 0, "ok": 1, "timeout": 2, "error": 3, "invalid": 4}
+JudgeStatus = Literal["ok", "timeout", "error", "invalid", "absent"]
+# a masked reward entry is any status other than "ok"; "absent": a rubric slot the prompt has no criterion for
+STATUS_CODES: dict[str, int] = {"pending": 0, "ok": 1, "timeout": 2, "error": 3, "invalid": 4, "absent": 5}
 
 
 @dataclass(frozen=True)

@@ -50,3 +50,19 @@ def build_raise(spec: JudgeSpec, deps: Mapping[str, Any]) -> RaiseJudge:
 
 
 EXTRA_BUILDERS = {"sleep": build_sleep, "raise": build_raise}
+
+
+@ray.remote
+class SlowCriterionProxy:
+    """Stands in front of a real JudgeEngine and holds back every question that contains `marker`, so one
+    criterion of a rubric misses its deadline while the others are graded by the real engine."""
+
+    def __init__(self, engine: Any, marker: str, seconds: float):
+        self.engine, self.marker, self.seconds = engine, marker, seconds
+
+    async def grade(self, prompts: list[str], mode: str) -> list[float]:
+        import asyncio
+
+        if any(self.marker in p for p in prompts):
+            await asyncio.sleep(self.seconds)
+        return await self.engine.grade.remote(prompts, mode)

@@ -39,6 +39,10 @@ REQUIRED = {
     "rvpo_judge_queue_depth": ("gauge", set()),
     "rvpo_k_risk": ("gauge", set()),
     "rvpo_kl_ref": ("gauge", set()),
+    "rvpo_rubric_met_ratio": ("gauge", set()),
+    "rvpo_rubric_worst_mean": ("gauge", set()),
+    "rvpo_rubric_pitfall_rate": ("gauge", set()),
+    "rvpo_rubric_criteria": ("histogram", set()),
 }
 
 

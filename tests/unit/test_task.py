@@ -27,7 +27,7 @@ def test_file_prompts_keep_extra_fields_as_judge_metadata(tmp_path: Path):
 
 @pytest.mark.parametrize("text, match", [
     ('{"prompt": "ok"}\nnot json\n', r"p\.jsonl:2: not valid JSON"),
-    ('{"question": "no prompt"}\n', r"p\.jsonl:1: each line needs a string field 'prompt'"),
+    ('{"question": "no prompt"}\n', r"p\.jsonl:1: missing field 'prompt'"),
     ("\n", r"no prompts"),
 ])
 def test_malformed_prompt_files_name_the_file_and_line(tmp_path: Path, text: str, match: str):
