@@ -66,8 +66,10 @@ def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> 
     max_len = judge_model.max_model_len or cfg.model.max_model_len
     kv = judge_model.kv_cache_memory_bytes or cfg.rollout.kv_cache_memory_bytes
     opts = actor_options("judge_engine", cfg, max_concurrency=64)
-    engines = {name: JudgeEngine.options(**opts).remote(path, max_model_len=max_len, seed=cfg.run.seed,
-                                                        kv_cache_memory_bytes=kv)
+    engines = {name: JudgeEngine.options(**opts).remote(
+        path, max_model_len=max_len, seed=cfg.run.seed, kv_cache_memory_bytes=kv,
+        gpu_memory_utilization=judge_model.gpu_memory_utilization,
+        gpu_kv_cache_memory_bytes=judge_model.gpu_kv_cache_memory_bytes)
                for name in names}
     if wait:
         ray.get([e.ready.remote() for e in engines.values()])

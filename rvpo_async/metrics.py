@@ -86,6 +86,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("rvpo_learner_step_seconds", "histogram", (), "Wall time of one learner step."),
     MetricSpec("rvpo_judge_workers", "gauge", (), "Judge workers currently in the pool."),
     MetricSpec("rvpo_judge_queue_depth", "gauge", (), "Judge requests waiting or in flight."),
+    MetricSpec("rvpo_eval_reward_mean", "gauge", ("reward",),
+               "Mean raw reward per judge on the held-out prompts at the last evaluation."),
+    MetricSpec("rvpo_eval_worst_reward_mean", "gauge", (),
+               "Each held-out response's lowest reward, averaged, at the last evaluation."),
+    MetricSpec("rvpo_eval_all_met_share", "gauge", (),
+               "Share of held-out responses meeting every constraint (every reward >= 0.5) at the last evaluation."),
 )
 
 
@@ -154,13 +160,18 @@ class Metrics:
                                       buckets=LEARNER_STEP_BUCKETS, registry=r)
         self.judge_workers = Gauge("rvpo_judge_workers", h["rvpo_judge_workers"], registry=r)
         self.judge_queue_depth = Gauge("rvpo_judge_queue_depth", h["rvpo_judge_queue_depth"], registry=r)
+        self.eval_reward_mean = Gauge("rvpo_eval_reward_mean", h["rvpo_eval_reward_mean"], ["reward"], registry=r)
+        self.eval_worst_mean = Gauge("rvpo_eval_worst_reward_mean", h["rvpo_eval_worst_reward_mean"], registry=r)
+        self.eval_all_met = Gauge("rvpo_eval_all_met_share", h["rvpo_eval_all_met_share"], registry=r)
+        self.eval_worst_mean.set(math.nan)
+        self.eval_all_met.set(math.nan)
 
         for stage in STAGES:
             self.samples.labels(stage=stage)
         for state in BUFFER_STATES:
             self.buffer_groups.labels(state=state)
         for name in self.reward_names:
-            for g in (self.reward_mean, self.reward_std, self.reward_bottleneck_share):
+            for g in (self.reward_mean, self.reward_std, self.reward_bottleneck_share, self.eval_reward_mean):
                 g.labels(reward=name).set(math.nan)  # no batch yet: NaN, not a misleading 0
         for name in self.judge_names:
             self.judge_latency.labels(judge=name)
@@ -228,6 +239,15 @@ class Metrics:
                 self.reward_bottleneck_share.labels(reward=name).set(shares[name])
         self.reward_inter_variance.set(float(inter_variance))
         self.reward_worst_mean.set(float(worst_mean))
+
+    def record_eval(self, mean: Mapping[str, float | None], worst_mean: float, all_met_share: float) -> None:
+        """One held-out evaluation: per-reward means (None: every entry masked), the mean lowest reward
+        per response and the share of responses meeting every constraint."""
+        means = self._per_reward("eval mean", {k: math.nan if v is None else v for k, v in mean.items()})
+        for name, v in means.items():
+            self.eval_reward_mean.labels(reward=name).set(v)
+        self.eval_worst_mean.set(float(worst_mean))
+        self.eval_all_met.set(float(all_met_share))
 
     def set_policy_version(self, v: int) -> None:
         self.policy_version.set(_nonneg_int("policy version", v))

@@ -81,6 +81,7 @@ class Stepper:
         self.p, self.state, self.run_dir = p, state, run_dir
         self.cfg: Config = p.cfg
         self.steplog: Any = None
+        self.evaluator: Any = None  # rvpo_async.evaluate.Evaluator when eval.every > 0
         self.ckpt_dir = run_dir / "checkpoints"
         self.pending_reward_refs: list[Any] = []
         self.timings: list[dict[str, float]] = []
@@ -214,6 +215,7 @@ class Stepper:
             "bottleneck_share": {n: float(diag["bottleneck_share"][k]) for k, n in enumerate(names)},
             "inter_variance": float(diag["inter_variance"]),
             "worst_reward_mean": float(diag["worst_mean"]),
+            "all_met_share": float(diag["all_met_share"]),
             "staleness_values": stal, "group_ids": r["group_ids"], "batch_digest": r["batch_digest"],
             "generated_tokens_total": st.generated_tokens_this_run, "trained_samples_total": st.trained_samples_this_run,
             "train_s": r["train_s"], "sync_s": r["sync_s"],
@@ -238,9 +240,25 @@ class Stepper:
         bar.set_postfix({"tok/s": f"{st.generated_tokens_this_run / max(bar.format_dict['elapsed'], 1e-9):.0f}",
                          **{n[:8]: f"{row['reward_mean'][n]:.2f}" for n in names},
                          "stale": f"{sum(stal) / max(len(stal), 1):.1f}"}, refresh=False)
+        if self.evaluator is not None and self.evaluator.due(st.step):
+            self.evaluator.start(st.step)
         every = self.cfg.checkpoint.every
         if every and st.step % every == 0 and st.step < self.cfg.run.steps:
             self.checkpoint()
+
+    def collect_eval(self, wait: bool = False) -> int:
+        """Write finished evaluations to metrics.jsonl and the rvpo_eval_* gauges; returns how many."""
+        if self.evaluator is None:
+            return 0
+        rows = self.evaluator.collect(wait=wait)
+        for row in rows:
+            self.steplog.write(row)
+            if self.p.metrics:
+                self.p.metrics.record_eval(row["eval"]["reward_mean"], row["eval"]["worst_reward_mean"],
+                                           row["eval"]["all_met_share"])
+            log.info("evaluation at step %d: lowest reward per response %.3f, all constraints met %.3f",
+                     row["step"], row["eval"]["worst_reward_mean"], row["eval"]["all_met_share"])
+        return len(rows)
 
     # ------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:

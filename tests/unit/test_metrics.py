@@ -37,6 +37,9 @@ REQUIRED = {
     "rvpo_learner_step_seconds": ("histogram", set()),
     "rvpo_judge_workers": ("gauge", set()),
     "rvpo_judge_queue_depth": ("gauge", set()),
+    "rvpo_eval_reward_mean": ("gauge", {"reward"}),
+    "rvpo_eval_worst_reward_mean": ("gauge", set()),
+    "rvpo_eval_all_met_share": ("gauge", set()),
 }
 
 
@@ -55,6 +58,7 @@ def _record_everything(m: Metrics) -> None:
     m.observe_judge("required_word", 0.01, "invalid")
     m.set_judge_pool(workers=3, queue_depth=12)
     m.observe_weight_sync(1.5)
+    m.record_eval({"length": 0.8, "format": 1.0, "required_word": None}, worst_mean=0.3, all_met_share=0.25)
 
 
 def _families(m: Metrics) -> dict:
