@@ -73,6 +73,9 @@ class _MLflow:
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # no server configured: a local file store in the run directory (mlflow-skinny has no database
+            # backend, and MLflow 3 refuses a file store unless allowed)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((tdir / "mlruns").resolve().as_uri())
         mlflow.set_experiment(cfg.tracking.project)
         self.mlflow = mlflow
