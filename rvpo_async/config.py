@@ -313,6 +313,9 @@ class EvalConfig:
             yield "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}"
         if self.samples_per_prompt < 1:
             yield "samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}"
+        if self.temperature == 0 and self.samples_per_prompt > 1:
+            yield "samples_per_prompt", (f"must be 1 with eval.temperature 0 (greedy decoding gives one response), "
+                                         f"got {self.samples_per_prompt}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
 
