@@ -80,3 +80,19 @@ def test_engine_shares_reach_vllm_on_cuda_only(monkeypatch):
             assert seen["gpu_memory_utilization"] == 0.4 and seen["kv_cache_memory_bytes"] == 1 << 30
         else:
             assert "gpu_memory_utilization" not in seen and seen["kv_cache_memory_bytes"] == 1 << 26
+
+
+def test_gpu_check_plan_fits_one_gpu_and_the_command_exits_2_without_one(capsys):
+    import torch
+
+    from rvpo_async.cli import main
+    from rvpo_async.gpu_check import SHARED_GPU
+
+    cfg = load_config(None, SHARED_GPU + [LLM_JUDGE])
+    gpus = pack_gpus(gpu_shares(cfg), num_gpus=1)
+    assert memory_on_gpu(gpus[0]) <= 1.0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu-check would run")
+    assert main(["gpu-check", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "no NVIDIA GPU" in err and "gpu extra" in err
