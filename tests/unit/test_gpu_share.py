@@ -6,7 +6,7 @@ import pytest
 
 from rvpo_async.config import ConfigError, load_config
 from rvpo_async.gpu_share import GpuShare, gpu_shares, memory_on_gpu, pack_gpus
-from rvpo_async.placement import actor_options
+from rvpo_async.placement import actor_options, gpu_plan
 
 LLM_JUDGE = ("judges.specs=[{name: helpful, kind: llm, params: {rubric: 'Helpful?', mode: yesno}}]")
 SHARED = ["rollout.num_gpus=0.5", "rollout.gpu_memory_utilization=0.45", "judges.engine.num_gpus=0.25",
@@ -18,7 +18,7 @@ def test_rollout_judge_engine_and_learner_pack_onto_one_gpu_with_shares_summing_
     shares = gpu_shares(cfg)
     assert [s.name for s in shares] == ["rollout-0", "judge-engine-default", "learner-0"]
     gpus = pack_gpus(shares, num_gpus=1)
-    assert len(gpus) == 1
+    assert len(gpus) == 1 and gpu_plan(cfg, 1) == gpus
     assert sum(s.num_gpus for s in gpus[0]) == pytest.approx(1.0)
     assert memory_on_gpu(gpus[0]) == pytest.approx(0.45 + 0.25 + 0.25)
     # the Ray fractions handed to the actors are the configured ones
