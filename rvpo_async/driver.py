@@ -185,7 +185,7 @@ def prepare_run_dir(cfg: Config) -> Path:
         if not cfg.run.overwrite:
             raise FileExistsError(f"run.output_dir {run_dir} already holds a run ({', '.join(leftovers)}); "
                                   f"continue it with --resume, or set run.overwrite=true to replace it")
-        for n in leftovers + ["final_model"]:
+        for n in leftovers + ["final_model", "tracking", "eval.png"]:  # tracker files would mix two runs
             target = run_dir / n
             if target.is_dir():
                 shutil.rmtree(target)
