@@ -81,8 +81,10 @@ def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> 
     slots = max((len(s.slot_names) for s in cfg.judges.specs if s.kind == "rubric"), default=1)
     concurrency = min(1024, max(64, slots * cfg.judges.concurrency * cfg.judges.num_workers))
     opts = actor_options("judge_engine", cfg, max_concurrency=concurrency)
-    engines = {name: JudgeEngine.options(**opts).remote(path, max_model_len=max_len, seed=cfg.run.seed,
-                                                        kv_cache_memory_bytes=kv)
+    engines = {name: JudgeEngine.options(**opts).remote(
+        path, max_model_len=max_len, seed=cfg.run.seed, kv_cache_memory_bytes=kv,
+        gpu_memory_utilization=judge_model.gpu_memory_utilization,
+        gpu_kv_cache_memory_bytes=judge_model.gpu_kv_cache_memory_bytes)
                for name in names}
     if wait:
         ray.get([e.ready.remote() for e in engines.values()])

@@ -87,11 +87,13 @@ class VLLMGrader:
     thread-safe, and batching is where its throughput comes from."""
 
     def __init__(self, model_path: str, *, max_model_len: int = 256, seed: int = 0,
-                 kv_cache_memory_bytes: int = 64 * 1024 * 1024, grade_max_tokens: int = 4):
+                 kv_cache_memory_bytes: int = 64 * 1024 * 1024, grade_max_tokens: int = 4,
+                 gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None):
         from actors.vllm_engine import make_llm
 
         self._llm = make_llm(model_path, seed=seed, max_model_len=max_model_len,
-                             kv_cache_memory_bytes=kv_cache_memory_bytes)
+                             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
+                             gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes)
         self._tok = self._llm.get_tokenizer()
         self._yes, self._no = answer_token_ids(self._tok)
         self._max_model_len = max_model_len

@@ -26,7 +26,8 @@ WORKER_EXTENSION = "actors.weight_receiver.WeightReceiverExtension"
 class RolloutEngine:
     def __init__(self, name: str, model_path: str, *, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_model_len: int = 256,
-                 kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0) -> None:
+                 kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
+                 gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None) -> None:
         apply_vllm_env()
         self.name = name
         self.group_size = group_size
@@ -38,7 +39,8 @@ class RolloutEngine:
         # processed log-probs: after temperature/top-p, i.e. the distribution actually sampled from
         self.llm = make_llm(model_path, seed=seed, max_model_len=max_model_len,
                             kv_cache_memory_bytes=kv_cache_memory_bytes, worker_extension_cls=WORKER_EXTENSION,
-                            logprobs_mode="processed_logprobs")
+                            logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization,
+                            gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes)
         self.tokenizer = self.llm.get_tokenizer()
         self.generated_tokens = 0
 
@@ -78,6 +80,18 @@ class RolloutEngine:
             groups.append(RolloutGroup(group_id=int(gid), prompt=prompt, samples=tuple(samples),
                                        policy_version=version, engine=self.name, created_at=now))
         return groups
+
+    def sample_texts(self, prompts: Sequence[Prompt], n: int, temperature: float, max_tokens: int,
+                     seed: int = 0) -> tuple[list[list[str]], int, int]:
+        """Evaluation: n decoded responses per prompt (temperature 0 = greedy), the policy version that
+        wrote them and the tokens generated. Nothing here feeds training."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(p.token_ids)} for p in prompts], params, use_tqdm=False)
+        texts = [[self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                  for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        return texts, self.version, sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     def score_tokens(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
         """Log-prob of each of `response_ids` after `prompt_ids` under the engine's current weights."""

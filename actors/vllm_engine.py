@@ -34,9 +34,11 @@ def on_cpu() -> bool:
 
 def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
              kv_cache_memory_bytes: int = 64 * 1024 * 1024, dtype: str = "float32",
-             worker_extension_cls: str | None = None, **extra: Any):
+             worker_extension_cls: str | None = None, gpu_memory_utilization: float = 0.9,
+             gpu_kv_cache_memory_bytes: int | None = None, **extra: Any):
     """Build a vllm.LLM for `model_path`. On CPU: eager mode, one in-process worker, a fixed KV cache
-    (left unset, each engine would claim ~11 GiB)."""
+    (left unset, each engine would claim ~11 GiB). On CUDA: the engine's share of its GPU's memory
+    (engines sharing a GPU each take their own share), and a KV cache size when one is given."""
     apply_vllm_env()
     from vllm import LLM
 
@@ -49,6 +51,10 @@ def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
         # every sequence's whole prompt means no prompt is ever chunked.
         kwargs.setdefault("max_num_seqs", 256)
         kwargs.setdefault("max_num_batched_tokens", kwargs["max_num_seqs"] * max_model_len)
+    else:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if gpu_kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = gpu_kv_cache_memory_bytes
     if worker_extension_cls:
         kwargs["worker_extension_cls"] = worker_extension_cls
     kwargs.update(extra)

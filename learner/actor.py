@@ -30,8 +30,8 @@ class LearnerActor:
 
     def __init__(self, rank: int, world_size: int) -> None:
         os.environ.update(RANK_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
+        # the run's Ray env says cpu (CPU is the default platform); a rank that sees a GPU trains on it
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
         torch.set_num_threads(1)
         self.rank = rank
         self.learner: DeepSpeedLearner | None = None

@@ -211,14 +211,15 @@ def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0, weigh
 
 
 def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
-                       mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       mask: torch.Tensor | None = None, met_at: float = 0.5) -> dict[str, torch.Tensor]:
     """Per-step statistics of ALGORITHM.md section 4 ([B, G, K] in).
 
     mean/std per reward (over valid entries), inter-reward variance var_k(Z) averaged over responses,
     the bottleneck share: fraction of responses whose lowest Z is reward k (a tie splits the
     response equally among the tied rewards, so a group where every reward is constant favours none),
     and worst_mean: each response's lowest valid raw reward, averaged over responses (the constraint-
-    neglect measure: 1 only when every response meets every reward; meaningful when judges share a range).
+    neglect measure: 1 only when every response meets every reward; meaningful when judges share a range),
+    and all_met_share: the share of those responses whose every valid raw reward is met (>= `met_at`).
     """
     valid = _valid(rewards, mask)
     vf = valid.to(rewards.dtype)
@@ -240,7 +241,9 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     share = frac[has].sum(0) / max(int(has.sum()), 1)
     worst = torch.where(valid, rewards, torch.full_like(rewards, math.inf)).amin(-1)  # [B, G]
     worst_mean = worst[has].mean() if bool(has.any()) else torch.zeros((), dtype=rewards.dtype)
-    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share, "worst_mean": worst_mean}
+    all_met = (worst[has] >= met_at).to(rewards.dtype).mean() if bool(has.any()) else torch.zeros((), dtype=rewards.dtype)
+    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share, "worst_mean": worst_mean,
+            "all_met_share": all_met}
 
 
 def policy_loss(

@@ -64,6 +64,20 @@ def _cmd_scale_judges(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rvpo_async.config import load_config
+    from rvpo_async.eval_cli import run_eval
+
+    run_eval(load_config(args.config, args.overrides), args.model, args.baseline, args.out)
+    return 0
+
+
+def _cmd_gpu_check(args: argparse.Namespace) -> int:
+    from rvpo_async.gpu_check import main as gpu_check
+
+    return gpu_check(args.out, steps=args.steps)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rvpo_async import bench
 
@@ -103,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     s.add_argument("--run", default=None, help="run id (needed when several jobs run)")
     s.set_defaults(func=_cmd_scale_judges)
+
+    s = sub.add_parser("eval", help="score a Hugging Face model directory on the evaluation prompts with the judges")
+    s.add_argument("--model", required=True, help="model directory (a run's final_model/, or any HF model dir)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--baseline", default=None, help="a second model directory to compare against")
+    s.add_argument("--out", default="eval.json", help="where to write the results (default: eval.json)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("gpu-check", help="a short run on an NVIDIA GPU: CUDA vLLM, a judge engine sharing the GPU, "
+                                         "DeepSpeed, NCCL weight sync, log-prob check, tokens/s")
+    s.add_argument("--out", default="runs/gpu-check", help="run directory")
+    s.add_argument("--steps", type=int, default=4)
+    s.set_defaults(func=_cmd_gpu_check)
 
     s = sub.add_parser("bench", help="benchmarks: algo, buffer, rollout, sync, pipeline (async vs sync)")
     s.add_argument("what", choices=["algo", "buffer", "rollout", "sync", "pipeline"])

@@ -29,6 +29,7 @@ def compare(config_path: str, overrides: Sequence[str], *, aggregators: Sequence
             names = cfg.reward_names
             report = train(cfg)
             rows = [json.loads(ln) for ln in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+            rows = [r for r in rows if r.get("kind") != "eval"]  # training steps only
             results.setdefault(agg, []).append({"seed": seed, "report": report, "rows": rows})
     summary = _summarise(results, names)
     (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")

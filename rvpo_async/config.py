@@ -57,10 +57,18 @@ class TaskConfig:
     rubric_field: str = "rubric"  # a prompt's own criteria, for the 'rubric' judge kind
     criterion_key: str = "criterion"  # criterion text inside a rubric item ('description' reads RaR's title too)
     weight_key: str = "points"  # a rubric item's points or weight (negative: a pitfall)
+    # held-out evaluation prompts: a share of the task's distinct prompts (split by run.seed), or a file read
+    # like prompts_file; either way no training prompt has the text of an evaluation prompt
+    eval_fraction: float = 0.0
+    eval_file: Optional[str] = None
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.name == "file" and not self.prompts_file:
             yield "prompts_file", "is required when task.name is 'file'"
+        if not 0 <= self.eval_fraction < 1:
+            yield "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}"
+        if self.eval_fraction > 0 and self.eval_file:
+            yield "eval_file", "cannot be combined with task.eval_fraction (pick one source of evaluation prompts)"
         if self.num_prompts < 1:
             yield "num_prompts", f"must be >= 1, got {self.num_prompts}"
         for key in ("prompt_field", "rubric_field", "criterion_key", "weight_key"):
@@ -81,8 +89,13 @@ class RolloutConfig:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources per engine
     max_restarts: int = 1
+    # share of its GPU's memory that one engine's vLLM may use (weights, activations, KV cache); CUDA only
+    gpu_memory_utilization: float = 0.9
+    gpu_kv_cache_memory_bytes: Optional[int] = None  # KV cache on CUDA; None: what the share leaves
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            yield "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"
         if self.num_engines < 1:
             yield "num_engines", f"must be >= 1, got {self.num_engines}"
         if self.group_size < 2:
@@ -136,8 +149,12 @@ class JudgeEngineConfig:
     num_cpus: Optional[float] = None
     num_gpus: float = 0.0
     resources: Optional[dict[str, float]] = None
+    gpu_memory_utilization: float = 0.9  # share of its GPU's memory; CUDA only
+    gpu_kv_cache_memory_bytes: Optional[int] = None  # KV cache on CUDA; None: what the share leaves
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            yield "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"
         if self.model_path is not None and not self.model_path.strip():
             yield "model_path", "must be a model directory or hub name, or null for the policy's model (model.path)"
         if self.max_model_len is not None and self.max_model_len < 16:
@@ -322,6 +339,47 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation during training (prompts: task.eval_fraction / task.eval_file)."""
+
+    every: int = 0  # steps; 0 = off
+    num_prompts: int = 32  # evaluation prompts per evaluation (the first ones of the held-out set)
+    temperature: float = 0.0  # 0 = greedy
+    samples_per_prompt: int = 1
+    max_new_tokens: Optional[int] = None  # None: rollout.max_new_tokens
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.every < 0:
+            yield "every", f"must be >= 0, got {self.every}"
+        if self.num_prompts < 1:
+            yield "num_prompts", f"must be >= 1, got {self.num_prompts}"
+        if not self.temperature >= 0:
+            yield "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}"
+        if self.samples_per_prompt < 1:
+            yield "samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}"
+        if self.temperature == 0 and self.samples_per_prompt > 1:
+            yield "samples_per_prompt", (f"must be 1 with eval.temperature 0 (greedy decoding gives one response), "
+                                         f"got {self.samples_per_prompt}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers fed every metrics.jsonl scalar (nested names joined with '/')."""
+
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    project: str = "rvpo-async"  # W&B project / MLflow experiment
+    run_name: Optional[str] = None  # None: the run directory's name
+    dir: Optional[str] = None  # None: <run.output_dir>/tracking
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        dup = sorted({b for b in self.backends if self.backends.count(b) > 1})
+        if dup:
+            yield "backends", f"each backend at most once, repeated: {dup}"
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: Optional[str] = None  # None: start a local Ray instance
     num_cpus: Optional[int] = None
@@ -341,8 +399,15 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if self.eval.every and not (self.task.eval_fraction > 0 or self.task.eval_file):
+            yield "eval.every", "needs held-out prompts: set task.eval_fraction (e.g. 0.2) or task.eval_file"
+        from rvpo_async.gpu_share import check_gpu_shares  # noqa: PLC0415 (pure; imported late like the loader)
+
+        yield from check_gpu_shares(self)
         w = self.algo.reward_weights
         if w is not None and len(w) != len(self.judges.specs):
             yield "algo.reward_weights", (f"needs one weight per judge spec ({len(self.judges.specs)}), "

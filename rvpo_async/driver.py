@@ -24,10 +24,12 @@ from typing import Any
 import ray
 
 from rvpo_async.config import Config, dump_config
+from rvpo_async.evaluate import Evaluator
 from rvpo_async.pipeline import Pipeline, build_pipeline, init_ray
 from rvpo_async.report import StepLog, summarise, write_reports
 from rvpo_async.staleness import admission_capacity
 from rvpo_async.steps import RunState, Stepper, describe_actor_error
+from rvpo_async.tracking import start_trackers
 
 log = logging.getLogger("rvpo_async")
 
@@ -115,7 +117,7 @@ class AsyncLoop:
                 self._launch_generation()
                 progress = self._collect_generation() + self._collect_puts()
                 scored = self.stepper.forward_judge_results(timeout_s=0.01)
-                progress += scored
+                progress += scored + self.stepper.collect_eval()
                 pull_due = pull_due or scored > 0
                 self.stepper.tick()
                 if self.train_future is not None and self.train_future.done():
@@ -172,6 +174,7 @@ def run_sync(p: Pipeline, stepper: Stepper, state: RunState, stop: threading.Eve
         result = stepper.train_on(table)
         result["timing"] = {"generate_s": t1 - t0, "judge_s": t2 - t1, "train_and_sync_s": time.perf_counter() - t2}
         stepper.finish_step(result, bar)
+        stepper.collect_eval()
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -182,7 +185,7 @@ def prepare_run_dir(cfg: Config) -> Path:
         if not cfg.run.overwrite:
             raise FileExistsError(f"run.output_dir {run_dir} already holds a run ({', '.join(leftovers)}); "
                                   f"continue it with --resume, or set run.overwrite=true to replace it")
-        for n in leftovers + ["final_model"]:
+        for n in leftovers + ["final_model", "tracking", "eval.png"]:  # tracker files would mix two runs
             target = run_dir / n
             if target.is_dir():
                 shutil.rmtree(target)
@@ -206,15 +209,18 @@ def train(cfg: Config) -> dict[str, Any]:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    p = None
+    p = trackers = stepper = None
     try:
         p = build_pipeline(cfg, run_dir)
         state = RunState.start(cfg, p.prompts)
         stepper = Stepper(p, state, run_dir)
         if cfg.run.resume:
             stepper.resume()
-        steplog = StepLog(run_dir, append=cfg.run.resume, through_step=state.step)
+        trackers = start_trackers(cfg, run_dir)
+        steplog = StepLog(run_dir, append=cfg.run.resume, through_step=state.step, trackers=trackers)
         stepper.steplog = steplog
+        if cfg.eval.every:
+            stepper.evaluator = Evaluator(cfg, p.engines, p.eval_prompts, p.judge_engines)
         t_start = time.perf_counter()
         with _progress(cfg) as bar:
             bar.update(state.step)
@@ -223,6 +229,7 @@ def train(cfg: Config) -> dict[str, Any]:
             else:
                 AsyncLoop(p, stepper, state).run(stop, bar)
         wall = time.perf_counter() - t_start
+        stepper.collect_eval(wait=not interrupted)
         stepper.checkpoint()  # the final one
         stepper.export_final_model()
         steplog.close()
@@ -230,12 +237,17 @@ def train(cfg: Config) -> dict[str, Any]:
                            wall_seconds=wall, samples=state.trained_samples_this_run,
                            generated_tokens=state.generated_tokens_this_run, extra=stepper.report_extra())
         write_reports(run_dir, report, steplog.rows, cfg.reward_names)
+        trackers.close()
         if interrupted:
             raise Interrupted(f"stopped by {interrupted[0]} at step {state.step}; checkpoint written to {run_dir}")
         return report
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if trackers is not None:
+            trackers.close()
+        if stepper is not None and stepper.evaluator is not None:
+            stepper.evaluator.close()
         if p is not None:
             p.shutdown()
         if started_ray:

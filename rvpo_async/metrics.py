@@ -98,6 +98,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("rvpo_rubric_pitfall_rate", "gauge", (),
                "Share of graded pitfall criteria (negative points) the responses of the last batch fell into."),
     MetricSpec("rvpo_rubric_criteria", "histogram", (), "Rubric criteria per trained prompt (group)."),
+    MetricSpec("rvpo_eval_reward_mean", "gauge", ("reward",),
+               "Mean raw reward per judge on the held-out prompts at the last evaluation."),
+    MetricSpec("rvpo_eval_worst_reward_mean", "gauge", (),
+               "Each held-out response's lowest reward, averaged, at the last evaluation."),
+    MetricSpec("rvpo_eval_all_met_share", "gauge", (),
+               "Share of held-out responses meeting every constraint (every reward >= 0.5) at the last evaluation."),
 )
 
 
@@ -177,13 +183,18 @@ class Metrics:
                                          buckets=RUBRIC_CRITERIA_BUCKETS, registry=r)
         for g in (self.rubric_met_ratio, self.rubric_worst_mean, self.rubric_pitfall_rate):
             g.set(math.nan)
+        self.eval_reward_mean = Gauge("rvpo_eval_reward_mean", h["rvpo_eval_reward_mean"], ["reward"], registry=r)
+        self.eval_worst_mean = Gauge("rvpo_eval_worst_reward_mean", h["rvpo_eval_worst_reward_mean"], registry=r)
+        self.eval_all_met = Gauge("rvpo_eval_all_met_share", h["rvpo_eval_all_met_share"], registry=r)
+        self.eval_worst_mean.set(math.nan)
+        self.eval_all_met.set(math.nan)
 
         for stage in STAGES:
             self.samples.labels(stage=stage)
         for state in BUFFER_STATES:
             self.buffer_groups.labels(state=state)
         for name in self.reward_names:
-            for g in (self.reward_mean, self.reward_std, self.reward_bottleneck_share):
+            for g in (self.reward_mean, self.reward_std, self.reward_bottleneck_share, self.eval_reward_mean):
                 g.labels(reward=name).set(math.nan)  # no batch yet: NaN, not a misleading 0
         for name in self.judge_names:
             self.judge_latency.labels(judge=name)
@@ -273,6 +284,14 @@ class Metrics:
         self.rubric_pitfall_rate.set(pitfall_rate)
         for n in criteria_per_prompt:
             self.rubric_criteria.observe(_nonneg_int("criteria", n))
+    def record_eval(self, mean: Mapping[str, float | None], worst_mean: float, all_met_share: float) -> None:
+        """One held-out evaluation: per-reward means (None: every entry masked), the mean lowest reward
+        per response and the share of responses meeting every constraint."""
+        means = self._per_reward("eval mean", {k: math.nan if v is None else v for k, v in mean.items()})
+        for name, v in means.items():
+            self.eval_reward_mean.labels(reward=name).set(v)
+        self.eval_worst_mean.set(float(worst_mean))
+        self.eval_all_met.set(float(all_met_share))
 
     def set_policy_version(self, v: int) -> None:
         self.policy_version.set(_nonneg_int("policy version", v))

@@ -77,6 +77,7 @@ class Pipeline:
     metrics: Any = None
     metrics_server: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    eval_prompts: list[Prompt] = field(default_factory=list)  # held out: never trained on
 
     def shutdown(self) -> None:
         for fn in (lambda: self.judges.shutdown(), lambda: self.learner.shutdown()):
@@ -104,12 +105,12 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     from learner.loss import make_loss_fn
     from learner.weight_sync import make_weight_sync
     from rvpo_async.metrics import Metrics
-    from rvpo_async.task import load_prompts
+    from rvpo_async.evaluate import load_split
 
     model_path = resolve_model(cfg)
     tok = AutoTokenizer.from_pretrained(model_path)
-    prompts = load_prompts(cfg, tok)
-    too_long = [p.prompt_id for p in prompts if len(p.token_ids) + cfg.rollout.max_new_tokens > cfg.model.max_model_len]
+    prompts, eval_prompts = load_split(cfg, tok)
+    too_long = [p.prompt_id for p in prompts + eval_prompts if len(p.token_ids) + cfg.rollout.max_new_tokens > cfg.model.max_model_len]
     if too_long:
         raise ValueError(f"{len(too_long)} prompt(s) (first: {too_long[0]}) plus rollout.max_new_tokens exceed "
                          f"model.max_model_len={cfg.model.max_model_len}")
@@ -131,7 +132,9 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
         h = RolloutActor.options(name=f"{run_id}-{name}", **actor_options("rollout", cfg)).remote(
             name, model_path, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.run.seed + i,
-            max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
+            max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            gpu_kv_cache_memory_bytes=cfg.rollout.gpu_kv_cache_memory_bytes)
         engines.append(h)
         engine_names.append(name)
     judge_engines = create_judge_engines(cfg, model_path)
@@ -143,4 +146,4 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
                     engine_names=engine_names, buffer=buffer, judges=judges, judge_engines=judge_engines,
                     learner=learner, sync=make_weight_sync(cfg), loss_fn=make_loss_fn(cfg.algo, cfg.rollout.temperature),
                     run_id=run_id, control=create_control(run_id, **on_driver_node()), metrics=metrics,
-                    metrics_server=server)
+                    metrics_server=server, eval_prompts=eval_prompts)

@@ -3,6 +3,10 @@
 Each kind's CPUs, GPUs and custom resources come from its config section. The custom resources are the
 ones the KubeRay worker groups declare in `rayStartParams` (deploy/kuberay), so an actor lands only on
 its own group; tests/deploy checks that both sides name the same resources.
+
+GPUs: each kind's `num_gpus` goes to Ray as given. A fraction lets Ray pack several actors onto one GPU;
+the config loader has already checked that no vLLM engine's memory share exceeds its fraction
+(rvpo_async.gpu_share), and `gpu_plan` shows the packing Ray's fractions allow.
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ def actor_options(kind: ActorKind, cfg: Config, **extra: Any) -> dict[str, Any]:
         opts.pop("resources", None)
     opts.update(extra)
     return opts
+
+
+def gpu_plan(cfg: Config, num_gpus: int | None = None) -> list[list[Any]]:
+    """The GPU-holding actors packed by their fractions (first fit, largest first), one list per GPU;
+    ValueError naming the keys when more than `num_gpus` GPUs would be needed."""
+    from rvpo_async.gpu_share import gpu_shares, pack_gpus
+
+    return pack_gpus(gpu_shares(cfg), num_gpus)
 
 
 def requested_resources(cfg: Config) -> dict[str, dict[str, float]]:

@@ -9,12 +9,15 @@ from typing import Any, Sequence
 
 
 class StepLog:
-    """Appends one JSON object per training step to <run>/metrics.jsonl (flushed each step)."""
+    """Appends one JSON object per training step (and one per evaluation, `"kind": "eval"`) to
+    <run>/metrics.jsonl (flushed each row), and hands each row to the experiment trackers."""
 
-    def __init__(self, run_dir: Path, append: bool = False, through_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, append: bool = False, through_step: int | None = None,
+                 trackers: Any = None) -> None:
         """append: continue a resumed run's file, keeping its rows up to `through_step` (the checkpoint's
         step): rows a crashed run wrote after its last checkpoint describe steps the resume trains again."""
         self.path = run_dir / "metrics.jsonl"
+        self.trackers = trackers
         self.rows: list[dict[str, Any]] = []
         if append and self.path.is_file():
             self.rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -27,6 +30,8 @@ class StepLog:
         self.rows.append(row)
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def close(self) -> None:
         self._fh.close()
@@ -38,9 +43,35 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def eval_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("kind") == "eval"]
+
+
+def train_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("kind", "train") != "eval"]
+
+
+def summarise_eval(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """First, best (highest share of responses meeting every constraint, then lowest reward per response)
+    and last evaluation."""
+    ev = eval_rows(rows)
+    if not ev:
+        return None
+
+    def pick(r: dict[str, Any]) -> dict[str, Any]:
+        e = r["eval"]
+        return {"step": r["step"], "policy_version": r.get("policy_version"), "reward_mean": e["reward_mean"],
+                "worst_reward_mean": e["worst_reward_mean"], "all_met_share": e["all_met_share"]}
+
+    best = max(ev, key=lambda r: (r["eval"]["all_met_share"], r["eval"]["worst_reward_mean"], -r["step"]))
+    return {"evaluations": len(ev), "first": pick(ev[0]), "best": pick(best), "last": pick(ev[-1]),
+            "generate_s_mean": sum(r["eval"].get("generate_s", 0.0) for r in ev) / len(ev)}
+
+
 def summarise(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], *, mode: str, aggregator: str,
               wall_seconds: float, samples: int, generated_tokens: int, extra: dict[str, Any] | None = None
               ) -> dict[str, Any]:
+    all_rows, rows = rows, train_rows(rows)
     last = rows[-1] if rows else {}
     tail = rows[-max(1, len(rows) // 5):] if rows else []  # final mean: the last fifth of the run
     rewards = {n: (sum(r["reward_mean"][n] for r in tail) / len(tail)) if tail else None for n in reward_names}
@@ -66,6 +97,9 @@ def summarise(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], *, mo
         # the risk coefficient at the first and last step (algo.k_risk_schedule)
         "k_risk": {"first": rows[0].get("k_risk"), "final": last.get("k_risk")} if rows else None,
     }
+    evaluation = summarise_eval(all_rows)
+    if evaluation is not None:
+        report["eval"] = evaluation
     if extra:
         report.update(extra)
     return report
@@ -95,8 +129,50 @@ def write_reports(run_dir: Path, report: dict[str, Any], rows: Sequence[dict[str
         lines.append(f"| lowest reward per response | {report['worst_reward_first_step']:.3f} | "
                      f"{report['worst_reward']:.3f} |")
     lines += ["", "Plots: `rewards.png` (each reward over steps), `inter_variance.png` (inter-reward variance).", ""]
+    if report.get("eval"):
+        lines += eval_lines(report["eval"], reward_names)
     _atomic_write(run_dir / "report.md", "\n".join(lines))
-    plot_run(run_dir, rows, reward_names)
+    plot_run(run_dir, train_rows(rows), reward_names)
+    if eval_rows(rows):
+        plot_eval(run_dir, eval_rows(rows), reward_names)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def eval_lines(ev: dict[str, Any], reward_names: Sequence[str]) -> list[str]:
+    cols = [ev["first"], ev["best"], ev["last"]]
+    lines = [f"## Held-out evaluation ({ev['evaluations']} evaluations; mean generation "
+             f"{ev['generate_s_mean']:.2f} s each)", "",
+             f"| | first (step {cols[0]['step']}) | best (step {cols[1]['step']}) | last (step {cols[2]['step']}) |",
+             "|---|---|---|---|"]
+    for n in reward_names:
+        lines.append(f"| {n} | " + " | ".join(_fmt(c["reward_mean"].get(n)) for c in cols) + " |")
+    lines.append("| lowest reward per response | " + " | ".join(_fmt(c["worst_reward_mean"]) for c in cols) + " |")
+    lines.append("| share meeting every constraint | " + " | ".join(_fmt(c["all_met_share"]) for c in cols) + " |")
+    return lines + ["", "Plot: `eval.png` (held-out rewards over steps).", ""]
+
+
+def plot_eval(run_dir: Path, rows: Sequence[dict[str, Any]], reward_names: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in reward_names:
+        ax.plot(steps, [r["eval"]["reward_mean"].get(n) for r in rows], marker="o", label=n)
+    ax.plot(steps, [r["eval"]["worst_reward_mean"] for r in rows], "k--", marker="s", label="lowest per response")
+    ax.plot(steps, [r["eval"]["all_met_share"] for r in rows], "k:", marker="^", label="all constraints met")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out mean")
+    ax.set_title("held-out evaluation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "eval.png", dpi=80)
+    plt.close(fig)
 
 
 def plot_run(run_dir: Path, rows: Sequence[dict[str, Any]], reward_names: Sequence[str]) -> None:

@@ -93,6 +93,7 @@ class Stepper:
         self.p, self.state, self.run_dir = p, state, run_dir
         self.cfg: Config = p.cfg
         self.steplog: Any = None
+        self.evaluator: Any = None  # rvpo_async.evaluate.Evaluator when eval.every > 0
         self.ckpt_dir = run_dir / "checkpoints"
         self.pending_reward_refs: list[Any] = []
         self.timings: list[dict[str, float]] = []
@@ -234,6 +235,7 @@ class Stepper:
             "bottleneck_share": {n: float(diag["bottleneck_share"][k]) for k, n in enumerate(names)},
             "inter_variance": float(diag["inter_variance"]),
             "worst_reward_mean": float(diag["worst_mean"]),
+            "all_met_share": float(diag["all_met_share"]),
             "staleness_values": stal, "group_ids": r["group_ids"], "batch_digest": r["batch_digest"],
             "generated_tokens_total": st.generated_tokens_this_run, "trained_samples_total": st.trained_samples_this_run,
             "train_s": r["train_s"], "sync_s": r["sync_s"], "k_risk": r["k_risk"],
@@ -265,9 +267,25 @@ class Stepper:
                          **{n[:8]: f"{row['reward_mean'][n]:.2f}" for n in self.rubric.rule_names},
                          **({"met": f"{_nan(row['rubric_met_ratio']):.2f}"} if r.get("rubric") else {}),
                          "stale": f"{sum(stal) / max(len(stal), 1):.1f}", "k": f"{r['k_risk']:.2f}"}, refresh=False)
+        if self.evaluator is not None and self.evaluator.due(st.step):
+            self.evaluator.start(st.step)
         every = self.cfg.checkpoint.every
         if every and st.step % every == 0 and st.step < self.cfg.run.steps:
             self.checkpoint()
+
+    def collect_eval(self, wait: bool = False) -> int:
+        """Write finished evaluations to metrics.jsonl and the rvpo_eval_* gauges; returns how many."""
+        if self.evaluator is None:
+            return 0
+        rows = self.evaluator.collect(wait=wait)
+        for row in rows:
+            self.steplog.write(row)
+            if self.p.metrics:
+                self.p.metrics.record_eval(row["eval"]["reward_mean"], row["eval"]["worst_reward_mean"],
+                                           row["eval"]["all_met_share"])
+            log.info("evaluation at step %d: lowest reward per response %.3f, all constraints met %.3f",
+                     row["step"], row["eval"]["worst_reward_mean"], row["eval"]["all_met_share"])
+        return len(rows)
 
     # ------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:

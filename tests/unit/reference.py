@@ -165,11 +165,13 @@ def weighted_moments(z: np.ndarray, weights=None) -> tuple[np.ndarray, np.ndarra
     return mean, (wn * d**2).sum(-1), (wn * d**3).sum(-1)
 
 
-def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray | None = None) -> dict:
+def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray | None = None,
+                       met_at: float = 0.5) -> dict:
     """Per reward: mean and (population) std of the raw valid rewards over the batch; inter-reward
     variance of Z over each response's valid rewards, averaged over responses with one or more; the
     share of those responses whose lowest valid Z is reward k (ties split equally); the mean over those
-    responses of their lowest valid raw reward."""
+    responses of their lowest valid raw reward; the share of those responses whose every valid raw
+    reward is >= met_at."""
     r = np.asarray(rewards, dtype=np.float64)
     valid = _as_mask(r, mask)
     k = r.shape[-1]
@@ -196,7 +198,11 @@ def reward_diagnostics(rewards: np.ndarray, eps: float = EPS, mask: np.ndarray |
     share /= max(len(lowest), 1)
     inter = float(np.mean(variances)) if variances else 0.0
     worst_mean = float(np.mean(worst)) if worst else 0.0
-    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share, "worst_mean": worst_mean}
+    met = [all(rn[j] >= met_at for j in range(k) if vn[j])
+           for rn, vn in zip(r.reshape(-1, k), valid.reshape(-1, k)) if vn.any()]
+    all_met = float(np.mean(met)) if met else 0.0
+    return {"mean": mean, "std": std, "inter_variance": inter, "bottleneck_share": share, "worst_mean": worst_mean,
+            "all_met_share": all_met}
 
 
 def policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, loss_mask, *,

@@ -334,7 +334,7 @@ def test_reward_diagnostics_match_reference(dtype, masked):
         mask[0, 3, :] = False  # a response with no valid reward
     got = algo.reward_diagnostics(t(r, dtype), mask=None if mask is None else torch.from_numpy(mask))
     want = ref.reward_diagnostics(r, mask=mask)
-    for key in ["mean", "std", "inter_variance", "worst_mean"]:
+    for key in ["mean", "std", "inter_variance", "worst_mean", "all_met_share"]:
         close(got[key], np.asarray(want[key]), dtype)
     np.testing.assert_allclose(got["bottleneck_share"].double().numpy(), want["bottleneck_share"], atol=1e-12)
     assert float(got["bottleneck_share"].sum()) == pytest.approx(1.0)
@@ -350,6 +350,23 @@ def test_worst_mean_is_one_only_when_every_response_meets_every_reward():
     assert float(d["mean"].min()) == pytest.approx(7 / 8) and float(d["mean"].mean()) == pytest.approx(23 / 24)
     # a masked entry does not count as a failure
     assert float(algo.reward_diagnostics(one_miss, mask=one_miss > 0)["worst_mean"]) == 1.0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_all_met_share_matches_reference_on_rule_like_rewards(masked):
+    rng = _rng("allmet", masked)
+    shape = (5, 8, 4)
+    r = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], size=shape)  # exactly 0.5 counts as met
+    mask = draw_mask(rng, shape) if masked else None
+    if masked:
+        mask[1, 2, :] = False  # a response with no valid reward is left out, not counted as met
+    got = algo.reward_diagnostics(torch.from_numpy(r), mask=None if mask is None else torch.from_numpy(mask))
+    want = ref.reward_diagnostics(r, mask=mask)
+    assert float(got["all_met_share"]) == pytest.approx(want["all_met_share"], abs=1e-12)
+    one_miss = torch.ones(2, 4, 3, dtype=torch.float64)
+    one_miss[1, 2, 0] = 0.0
+    assert float(algo.reward_diagnostics(one_miss)["all_met_share"]) == pytest.approx(7 / 8)
+    assert float(algo.reward_diagnostics(one_miss, mask=one_miss > 0)["all_met_share"]) == 1.0
 
 
 def test_bottleneck_share_splits_ties_equally_so_constant_groups_favour_no_reward():

@@ -43,6 +43,9 @@ REQUIRED = {
     "rvpo_rubric_worst_mean": ("gauge", set()),
     "rvpo_rubric_pitfall_rate": ("gauge", set()),
     "rvpo_rubric_criteria": ("histogram", set()),
+    "rvpo_eval_reward_mean": ("gauge", {"reward"}),
+    "rvpo_eval_worst_reward_mean": ("gauge", set()),
+    "rvpo_eval_all_met_share": ("gauge", set()),
 }
 
 
@@ -62,6 +65,7 @@ def _record_everything(m: Metrics) -> None:
     m.set_judge_pool(workers=3, queue_depth=12)
     m.observe_weight_sync(1.5)
     m.record_objective(k_risk=1.25, kl_ref=0.003)
+    m.record_eval({"length": 0.8, "format": 1.0, "required_word": None}, worst_mean=0.3, all_met_share=0.25)
 
 
 def _families(m: Metrics) -> dict:
