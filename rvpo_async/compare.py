@@ -223,7 +223,8 @@ def compare(config_path: str | None, overrides: Sequence[str], *, out_dir: str, 
                 actions[action] = actions.get(action, 0) + 1
         finished = [r for r in runs if run_status(r) == "done"]
     if not finished:
-        raise RuntimeError(f"no finished run under {out} to summarise")
+        print(f"no finished run under {out} yet: nothing to summarise", flush=True)
+        return {"runs_finished": 0, "runs_planned": len(runs), "this_invocation": actions}
     by_variant: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for r in finished:
         by_variant.setdefault(r.variant, {})[r.seed] = read_rows(r.run_dir / "metrics.jsonl")[:r.cfg.run.steps]
