@@ -54,8 +54,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"study running in the background (pid {pid}); log: {log_path}, progress: {args.out}/progress.json; "
               f"the same command again resumes it")
         return 0
-    compare(args.config, overrides, variants=variants, aggregators=[a for a in aggregators.split(",") if a],
-            out_dir=args.out, seeds=seeds, run=not args.report_only)
+    if args.report_only:
+        compare(args.config, overrides, variants=variants, aggregators=[a for a in aggregators.split(",") if a],
+                out_dir=args.out, seeds=seeds, run=False)
+        return 0
+    from rvpo_async.driver import Interrupted
+
+    try:
+        compare(args.config, overrides, variants=variants, aggregators=[a for a in aggregators.split(",") if a],
+                out_dir=args.out, seeds=seeds)
+    except Interrupted as e:
+        print(f"rvpo-async: study stopped ({e}); the same command resumes it", file=sys.stderr)
+        return 130
     return 0
 
 

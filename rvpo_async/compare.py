@@ -202,7 +202,12 @@ def execute(runs: Sequence[PlannedRun], out: Path, runner: Runner) -> Iterator[t
         status[(r.variant, r.seed)] = "running"
         _write_progress(out, runs, status)
         cfg = r.cfg.override("run.resume=true", "run.overwrite=false") if state == "resume" else r.cfg
-        runner(cfg)
+        try:
+            runner(cfg)
+        except BaseException:
+            status[(r.variant, r.seed)] = "interrupted"
+            _write_progress(out, runs, status)
+            raise
         status[(r.variant, r.seed)] = "done" if run_status(r) == "done" else "unfinished"
         _write_progress(out, runs, status)
         yield r, "resumed" if state == "resume" else "started"

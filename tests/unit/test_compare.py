@@ -105,7 +105,7 @@ def test_a_study_interrupted_between_runs_continues_with_the_rest(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _study(tmp_path, FakeRunner(fail_on_call=3))
     progress = json.loads((tmp_path / "progress.json").read_text())
-    assert progress["counts"] == {"done": 2, "pending": 1, "running": 1}
+    assert progress["counts"] == {"done": 2, "interrupted": 1, "pending": 1}
     summary = _study(tmp_path, _never, run=False)  # --report-only: what is finished so far
     assert summary["runs_finished"] == 2 and list(summary["variants"]) == ["gdpo"]
     runner = FakeRunner()
@@ -171,3 +171,16 @@ def test_one_study_at_a_time_per_directory(tmp_path):
     with cmp._Lock(tmp_path / "study.lock"):
         with pytest.raises(RuntimeError, match="another study is running"):
             _study(tmp_path, _never)
+
+
+def test_cli_report_only_parses_variants_followed_by_global_overrides(tmp_path, capsys):
+    from rvpo_async.cli import main
+
+    _study(tmp_path, FakeRunner())
+    (tmp_path / "study.json").unlink()
+    argv = ["compare", "--config", CONFIG, "--out", str(tmp_path), "--seeds", "0,1", "--report-only",
+            "--variants", *VARIANTS, *BASE]
+    assert main(argv) == 0
+    s = json.loads((tmp_path / "study.json").read_text())
+    assert s["runs_finished"] == 4 and s["overrides"] == BASE and s["this_invocation"] == {}
+    assert "gdpo - rvpo-k2" in capsys.readouterr().out
