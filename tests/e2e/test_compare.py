@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_ports
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
@@ -22,7 +24,7 @@ def test_study_runs_every_variant_then_recomputes_nothing(tmp_path, tiny_model_d
     out = tmp_path / "study"
     argv = ["compare", "--config", CONFIG, "--out", str(out), "--seeds", "0",
             "--variants", "gdpo:algo.aggregator=gdpo", "rvpo-focus:algo.aggregator=rvpo_focus algo.k_risk=2",
-            f"model.path={tiny_model_dir}", *SMALL]
+            f"model.path={tiny_model_dir}", f"learner.master_port={free_ports(range(23600, 23700))[0]}", *SMALL]
     assert main(argv) == 0
     study = json.loads((out / "study.json").read_text())
     assert study["this_invocation"] == {"started": 2}
