@@ -31,10 +31,13 @@ def study_markdown(s: Mapping[str, Any]) -> str:
              "Variants: " + "; ".join(f"`{n}`: `{' '.join(o) or '(the config as is)'}`"
                                       for n, o in s.get("variants_spec", {}).items()) + ".", "",
              "## Final value", "",
-             "Mean of the last tenth of the steps, mean ± standard deviation over seeds. "
-             "`worst_reward_mean`: each response's lowest reward, averaged; `all_met_share`: share of responses "
-             "meeting every constraint." + (" Lower is better for: " + ", ".join(s["lower_is_better"]) + "."
-                                            if s.get("lower_is_better") else ""), ""]
+             "Mean of the last tenth of the steps, mean ± standard deviation over seeds."
+             + (" `worst_reward_mean`: each response's lowest reward, averaged." if "worst_reward_mean" in metrics
+                else "")
+             + (" `all_met_share`: share of responses meeting every constraint." if "all_met_share" in metrics
+                else "")
+             + (" Lower is better for: " + ", ".join(s["lower_is_better"]) + "." if s.get("lower_is_better")
+                else ""), ""]
     lines += _table(["variant"] + labels, [[n] + [_ms(v["metrics"][m]["final"]) for m in metrics]
                                            for n, v in variants.items()])
     lines += ["", "## Best value and late collapse", "",
@@ -50,7 +53,9 @@ def study_markdown(s: Mapping[str, Any]) -> str:
         lines += ["", "## Pairwise differences of the final values", "",
                   f"A - B, with a {level:.0%} bootstrap confidence interval and a two-sided permutation p-value "
                   "over seeds (exact: every split of the pooled seeds; * marks a Monte Carlo p-value). With n "
-                  "seeds per variant the smallest p-value possible is 2 / C(2n, n) (5 vs 5: 0.008).", ""]
+                  "seeds per variant the smallest p-value possible is 2 / C(2n, n) (5 vs 5: 0.008). With few seeds "
+                  "the percentile bootstrap interval is too narrow (it ignores how little the seeds tell about "
+                  "the spread): read the p-value first.", ""]
         rows = []
         for pair in s["pairs"]:
             cells = []
