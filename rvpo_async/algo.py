@@ -14,6 +14,10 @@ How the advantage of response i in a group of G is built from its K rewards r_k(
                      soft-min; = mean_w Z - (k_risk/2) var_w Z + O(k_risk^2))
    - rvpo_explicit:  mean_w Z - beta var_w Z
    - min:            min_k Z_k
+   - gdpo_focus:     sum_k w_k f_k Z_k, policy-level risk sensitivity: f = K' softmax_k(-k_risk rbar_k)
+                     over the K' rewards with a valid entry, rbar_k the batch mean of the RAW reward k
+                     (detached). A reward the whole batch fails gets the largest weight; k_risk -> 0 gives gdpo
+   - rvpo_focus:     rvpo with weights w_k f_k (the per-response soft-min on top of the policy-level focus)
    `mean` (GRPO) is not an aggregator of Z: it group-normalises the weighted sum of raw rewards.
    Weights w are [K] (one per reward), [B, K] (per prompt: a rubric task's own criteria, see
    algo_weights.rubric_weights) or [B, G, K]; a prompt's absent criteria are masked slots, never zeros.
@@ -33,9 +37,9 @@ import torch
 
 from rvpo_async.algo_weights import rubric_weights  # noqa: F401  (re-exported: weights for advantages())
 
-Aggregator = Literal["mean", "gdpo", "rvpo", "rvpo_explicit", "min"]
+Aggregator = Literal["mean", "gdpo", "rvpo", "rvpo_explicit", "min", "gdpo_focus", "rvpo_focus"]
 ISMode = Literal["truncate", "mask", "none"]
-AGGREGATOR_NAMES: tuple[str, ...] = ("mean", "gdpo", "rvpo", "rvpo_explicit", "min")
+AGGREGATOR_NAMES: tuple[str, ...] = ("mean", "gdpo", "rvpo", "rvpo_explicit", "min", "gdpo_focus", "rvpo_focus")
 
 DEFAULT_EPS = 1e-4
 
@@ -154,27 +158,71 @@ def agg_min(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, **_: float) -
     return torch.where(keep.any(-1), out, torch.zeros_like(out))
 
 
+# ---- policy-level focus (the remedy for rare-success constraints). The soft-min looks at each response's
+# worst z-score, so a constraint that nearly every response fails (a rare success: many small negative Z,
+# one large positive one) gets little credit; these weight each reward by how badly the batch does on it.
+
+def focus_weights(rewards: torch.Tensor, valid: torch.Tensor, k_risk: float) -> torch.Tensor:
+    """[..., K] raw rewards -> [K] detached weights K' softmax_k(-k_risk rbar_k) over the K' rewards with a
+    valid entry (rbar_k: mean of reward k's valid entries over the batch); 0 for a reward with none."""
+    if not k_risk >= 0:
+        raise ValueError(f"k_risk must be >= 0 for the focus aggregators, got {k_risk}")
+    with torch.no_grad():
+        k = rewards.shape[-1]
+        r = rewards.detach().reshape(-1, k)
+        v = valid.reshape(-1, k)
+        n = v.sum(0)  # [K]
+        rbar = torch.where(v, r, torch.zeros_like(r)).sum(0) / n.clamp_min(1)
+        live = n > 0
+        logits = torch.where(live, -k_risk * rbar, torch.full_like(rbar, -math.inf))
+        if not bool(live.any()):
+            return torch.zeros_like(rbar)
+        return torch.softmax(logits, dim=0) * live.sum()
+
+
+def _needs_rewards(rewards: torch.Tensor | None, name: str) -> torch.Tensor:
+    if rewards is None:
+        raise ValueError(f"the {name} aggregator needs the raw rewards (aggregate(..., rewards=...))")
+    return rewards
+
+
+def agg_gdpo_focus(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, *, k_risk: float,
+                   rewards: torch.Tensor | None = None, **_: float) -> torch.Tensor:
+    f = focus_weights(_needs_rewards(rewards, "gdpo_focus"), valid, k_risk)  # [K]
+    return agg_gdpo(z, w * f, valid)
+
+
+def agg_rvpo_focus(z: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, *, k_risk: float,
+                   rewards: torch.Tensor | None = None, **_: float) -> torch.Tensor:
+    f = focus_weights(_needs_rewards(rewards, "rvpo_focus"), valid, k_risk)  # [K]
+    return agg_rvpo(z, w * f, valid, k_risk=k_risk)
+
+
 AGGREGATORS = {
     "gdpo": agg_gdpo,
     "rvpo": agg_rvpo,
     "rvpo_explicit": agg_rvpo_explicit,
     "min": agg_min,
+    "gdpo_focus": agg_gdpo_focus,
+    "rvpo_focus": agg_rvpo_focus,
 }
 
 
 def aggregate(z: torch.Tensor, method: str, *, k_risk: float = 1.0, weights: Weights = None,
-              beta: float = 0.5, mask: torch.Tensor | None = None) -> torch.Tensor:
+              beta: float = 0.5, mask: torch.Tensor | None = None, rewards: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """[..., K] normalised rewards -> [...] per-response score with the named operator.
 
     `weights`: [K], [B, K] (per prompt, z [B, G, K]) or z's shape (per response). rvpo and rvpo_explicit
     renormalise them over each response's valid rewards; gdpo sums w_k Z_k over them as given (Z = 0 where
-    masked); min keeps the valid rewards of positive weight.
+    masked); min keeps the valid rewards of positive weight. `rewards` ([..., K], the raw rewards behind z)
+    is needed by the focus aggregators only.
     """
     if method not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {method!r}; valid: {sorted(AGGREGATORS)}")
     w = _weights(z, weights, z)
     valid = _valid(z, mask)
-    return AGGREGATORS[method](z, w, valid, k_risk=k_risk, beta=beta)
+    return AGGREGATORS[method](z, w, valid, k_risk=k_risk, beta=beta, rewards=rewards)
 
 
 def batch_normalize(a: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
@@ -206,7 +254,7 @@ def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0, weigh
         s = (filled * w).sum(-1, keepdim=True)  # [B, G, 1]
         return group_normalize(s, eps=eps).squeeze(-1)  # GRPO: no batch normalisation
     z = group_normalize(rewards, eps=eps, mask=mask)
-    a = aggregate(z, method, k_risk=k_risk, weights=weights, beta=beta, mask=mask)
+    a = aggregate(z, method, k_risk=k_risk, weights=weights, beta=beta, mask=mask, rewards=rewards)
     return batch_normalize(a, eps) if batch_norm else a
 
 

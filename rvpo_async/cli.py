@@ -43,10 +43,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from rvpo_async.compare import compare
+    from rvpo_async.compare import compare, detach, split_variant_args
 
-    compare(args.config, args.overrides, aggregators=args.aggregators.split(","), out_dir=args.out,
-            seeds=[int(x) for x in args.seeds.split(",")])
+    variants, overrides = split_variant_args(args.variants or [], args.overrides)
+    aggregators = args.aggregators if args.aggregators is not None else ("" if variants else "mean,gdpo,rvpo")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    if args.detach:
+        pid, log_path = detach(args.config, overrides, variants=variants, aggregators=aggregators, seeds=args.seeds,
+                               out_dir=args.out)
+        print(f"study running in the background (pid {pid}); log: {log_path}, progress: {args.out}/progress.json; "
+              f"the same command again resumes it")
+        return 0
+    if args.report_only:
+        compare(args.config, overrides, variants=variants, aggregators=[a for a in aggregators.split(",") if a],
+                out_dir=args.out, seeds=seeds, run=False)
+        return 0
+    from rvpo_async.driver import Interrupted
+
+    try:
+        compare(args.config, overrides, variants=variants, aggregators=[a for a in aggregators.split(",") if a],
+                out_dir=args.out, seeds=seeds)
+    except Interrupted as e:
+        print(f"rvpo-async: study stopped ({e}); the same command resumes it", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -104,11 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("compare", help="constraint-neglect study: the same run under several aggregators")
+    s = sub.add_parser("compare", help="a study: the same task under several variants and seeds (resumable)")
     s.add_argument("--config", required=True)
-    s.add_argument("--aggregators", default="mean,gdpo,rvpo")
+    s.add_argument("--variants", nargs="+", metavar="NAME:KEY=VALUE...",
+                   help="each a name and its overrides, e.g. 'rvpo-k1:algo.aggregator=rvpo algo.k_risk=1'")
+    s.add_argument("--aggregators", default=None,
+                   help="shorthand: one variant per aggregator (default mean,gdpo,rvpo when --variants is absent)")
     s.add_argument("--out", default="runs/compare")
-    s.add_argument("--seeds", default="0", help="comma-separated run seeds; results are averaged")
+    s.add_argument("--seeds", default="0", help="comma-separated run seeds")
+    s.add_argument("--detach", action="store_true", help="run the study in the background (log in <out>/study.log)")
+    s.add_argument("--report-only", action="store_true", help="summarise the finished runs; start none")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_compare)
 

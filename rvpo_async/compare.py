@@ -1,96 +1,282 @@
-"""The constraint-neglect study: one task, the same seeds, several aggregators.
+"""A study (`rvpo-async compare`): the same task under several variants, each over several seeds.
 
-Each aggregator gets its own run directory under `out_dir`; the study writes `comparison.json`,
-`comparison.md` (a table of every reward per aggregator, first step and final) and `comparison.png`.
+A variant is a name and a set of config overrides (`rvpo:algo.aggregator=rvpo algo.k_risk=1`). Each
+(variant, seed) run gets its own directory, `<out>/<variant>/seed<seed>`, and the study is resumable:
+- a run whose report.json covers every step and whose saved config matches the one the study would run
+  is finished and never recomputed;
+- an unfinished run with a matching config and a checkpoint continues from it (run.resume);
+- anything else (no checkpoint, another config) starts again in its directory.
+So a killed study, started again with the same command, picks up where it stopped. `<out>/progress.json`
+says where it stands; one study at a time holds `<out>/study.lock`.
+
+Output: study.json (every summary and pairwise test: rvpo_async.study_stats), study.md (tables) and
+study.png (each metric over steps, mean over seeds with a band of one standard deviation).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import re
+import shlex
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from rvpo_async.config import load_config
+from rvpo_async.config import Config, ConfigError, from_dict, load_config
+from rvpo_async.study_stats import study_summary
 
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+# keys that change neither the data nor the math of a run: a run may differ in them and still count
+_IGNORED = {"run": ("resume", "overwrite", "progress"), "metrics": None, "ray": None, "checkpoint": None,
+            "learner": ("master_port",)}
+_STUDY_OWNED = ("run.seed", "run.output_dir", "run.resume", "run.overwrite")
 
-def compare(config_path: str, overrides: Sequence[str], *, aggregators: Sequence[str], out_dir: str,
-            seeds: Sequence[int] = (0,)) -> dict[str, Any]:
-    from rvpo_async.driver import train
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, Any]]] = {}
-    names: list[str] = []
-    for agg in aggregators:
-        for seed in seeds:
-            cfg = load_config(config_path, list(overrides) + [
-                f"algo.aggregator={agg}", f"run.seed={seed}", f"run.output_dir={out / f'{agg}-seed{seed}'}",
-                "run.resume=false"])
-            names = cfg.reward_names
-            report = train(cfg)
-            rows = [json.loads(ln) for ln in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
-            rows = [r for r in rows if r.get("kind") != "eval"]  # training steps only
-            results.setdefault(agg, []).append({"seed": seed, "report": report, "rows": rows})
-    summary = _summarise(results, names)
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "comparison.md").write_text(_table(summary, names))
-    _plot(results, names, out / "comparison.png")
-    print(_table(summary, names))
-    return summary
+Runner = Callable[[Config], Any]
 
 
-def _summarise(results: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for agg, runs in results.items():
-        first = {n: sum(r["report"]["rewards_first_step"][n] for r in runs) / len(runs) for n in names}
-        final = {n: sum(r["report"]["rewards"][n] for r in runs) / len(runs) for n in names}
-        out[agg] = {"seeds": [r["seed"] for r in runs], "first": first, "final": final,
-                    "min_final": min(final.values()), "mean_final": sum(final.values()) / len(names),
-                    "worst_first": _avg([r["report"].get("worst_reward_first_step") for r in runs]),
-                    "worst_final": _avg([r["report"].get("worst_reward") for r in runs])}
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+def parse_variant(text: str) -> Variant:
+    """`name:key=value key=value` (or `name:` for the config as it is) -> Variant."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"variant {text!r}: the name before ':' must be letters, digits, '_', '.', '+' or '-' "
+                          f"(it names the run directory), got {name!r}")
+    overrides = tuple(shlex.split(rest))
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"variant {name!r}: override {o!r} is not of the form key=value")
+    return Variant(name, overrides)
+
+
+def build_variants(variants: Sequence[str] = (), aggregators: Sequence[str] = ()) -> list[Variant]:
+    """--variants specs, then one variant per --aggregators name (shorthand for `name:algo.aggregator=name`)."""
+    out = [parse_variant(v) for v in variants]
+    out += [Variant(a, (f"algo.aggregator={a}",)) for a in aggregators if a]
+    if not out:
+        raise ConfigError("a study needs at least one variant (--variants or --aggregators)")
+    names = [v.name for v in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"variant names must be unique, repeated: {dup}")
     return out
 
 
-def _avg(xs: Sequence[float | None]) -> float | None:
-    return None if not xs or any(x is None for x in xs) else sum(xs) / len(xs)  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class PlannedRun:
+    variant: str
+    seed: int
+    cfg: Config  # as a fresh run (run.resume false, run.overwrite true)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.output_dir)
 
 
-def _table(summary: dict[str, Any], names: Sequence[str]) -> str:
-    head = "| aggregator | " + " | ".join(names) + " | mean | min | lowest per response |"
-    sep = "|---" * (len(names) + 4) + "|"
-    lines = ["Final mean reward (last fifth of steps; first step in parentheses). Lowest per response: each "
-             "response's lowest reward, averaged (1 only when every response meets every reward).", "", head, sep]
-    for agg, s in summary.items():
-        cells = [f"{s['final'][n]:.3f} ({s['first'][n]:.3f})" for n in names]
-        worst = ("-" if s.get("worst_final") is None or s.get("worst_first") is None
-                 else f"{s['worst_final']:.3f} ({s['worst_first']:.3f})")
-        lines.append(f"| {agg} | " + " | ".join(cells) + f" | {s['mean_final']:.3f} | {s['min_final']:.3f} | {worst} |")
-    return "\n".join(lines) + "\n"
+def plan(config_path: str | None, overrides: Sequence[str], variants: Sequence[Variant], seeds: Sequence[int],
+         out_dir: str | Path) -> list[PlannedRun]:
+    """Every (variant, seed) run's config, all checked before any run starts."""
+    for o in list(overrides) + [o for v in variants for o in v.overrides]:
+        if o.split("=", 1)[0].strip() in _STUDY_OWNED:
+            raise ConfigError(f"override {o!r}: the study sets {', '.join(_STUDY_OWNED)} itself (use --seeds, --out)")
+    runs = []
+    for v in variants:
+        for seed in seeds:
+            run_dir = Path(out_dir) / v.name / f"seed{seed}"
+            try:
+                cfg = load_config(config_path, list(overrides) + list(v.overrides) + [
+                    f"run.seed={seed}", f"run.output_dir={run_dir}", "run.resume=false", "run.overwrite=true"])
+            except ConfigError as e:
+                raise ConfigError(f"variant {v.name!r}: {e}") from None
+            runs.append(PlannedRun(v.name, seed, cfg))
+    return runs
 
 
-def _plot(results: dict[str, list[dict[str, Any]]], names: Sequence[str], path: Path) -> None:
-    """One panel per reward, and a last one for each response's lowest reward (when the rows carry it)."""
-    import matplotlib
+def _fingerprint(cfg: Config) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for section, keys in _IGNORED.items():
+        if keys is None:
+            d.pop(section, None)
+        else:
+            for k in keys:
+                d.get(section, {}).pop(k, None)
+    return d
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    worst = all("worst_reward_mean" in row for runs in results.values() for r in runs for row in r["rows"])
-    panels = [(n, lambda row, n=n: row["reward_mean"][n]) for n in names]
-    if worst:
-        panels.append(("lowest reward per response", lambda row: row["worst_reward_mean"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    for k, (title, value) in enumerate(panels):
-        ax = axes[0][k]
-        for agg, runs in results.items():
-            steps = min(len(r["rows"]) for r in runs)
-            mean = [sum(value(r["rows"][i]) for r in runs) / len(runs) for i in range(steps)]
-            ax.plot(range(1, steps + 1), mean, label=agg)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylim(-0.05, 1.05)
-    axes[0][0].set_ylabel("mean reward (averaged over seeds)")
-    axes[0][-1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+def _saved_config_matches(run: PlannedRun) -> bool:
+    import yaml
+
+    path = run.run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        saved = from_dict(yaml.safe_load(path.read_text()))
+    except (ConfigError, yaml.YAMLError, TypeError):
+        return False  # written by another version of the config: not the same run
+    return _fingerprint(saved) == _fingerprint(run.cfg)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl, one training row per step: a step logged twice (a resumed run repeats the steps
+    after its last checkpoint) keeps its last row."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if row.get("kind") == "eval":  # held-out evaluation rows: the study reads training steps
+                continue
+            by_step[int(row["step"])] = row
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}, line {n}: not a step row with a 'step' field ({e})") from None
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run_status(run: PlannedRun) -> str:
+    """'done', 'resume' or 'fresh' (see the module docstring)."""
+    if not _saved_config_matches(run):
+        return "fresh"
+    try:
+        report = json.loads((run.run_dir / "report.json").read_text())
+        finished = int(report["steps"]) >= run.cfg.run.steps
+    except (OSError, ValueError, KeyError, TypeError):
+        finished = False
+    if finished and (run.run_dir / "metrics.jsonl").is_file():
+        steps = {int(r["step"]) for r in read_rows(run.run_dir / "metrics.jsonl")}
+        if set(range(1, run.cfg.run.steps + 1)) <= steps:
+            return "done"
+    return "resume" if (run.run_dir / "checkpoints" / "latest").is_file() else "fresh"
+
+
+def _default_runner(cfg: Config) -> Any:
+    from rvpo_async.driver import train
+
+    return train(cfg)
+
+
+@dataclass
+class _Lock:
+    path: Path
+
+    def __enter__(self) -> "_Lock":
+        self._fh = open(self.path, "w")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise RuntimeError(f"another study is running in {self.path.parent} (it holds {self.path})") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+def _write_progress(out: Path, runs: Sequence[PlannedRun], status: dict[tuple[str, int], str]) -> None:
+    doc = {"updated": time.time(),
+           "counts": {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))},
+           "runs": [{"variant": r.variant, "seed": r.seed, "dir": str(r.run_dir), "status": status[(r.variant, r.seed)]}
+                    for r in runs]}
+    tmp = out / "progress.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out / "progress.json")
+
+
+def execute(runs: Sequence[PlannedRun], out: Path, runner: Runner) -> Iterator[tuple[PlannedRun, str]]:
+    """Run what is not finished, one run at a time; yields (run, what was done: skipped|resumed|started)."""
+    status = {(r.variant, r.seed): ("done" if run_status(r) == "done" else "pending") for r in runs}
+    _write_progress(out, runs, status)
+    for i, r in enumerate(runs, 1):
+        state = run_status(r)
+        if state == "done":
+            yield r, "skipped"
+            continue
+        tag = f"[{i}/{len(runs)}] {r.variant} seed {r.seed}"
+        print(f"{tag}: {'resuming from its checkpoint' if state == 'resume' else 'starting'} in {r.run_dir}",
+              flush=True)
+        status[(r.variant, r.seed)] = "running"
+        _write_progress(out, runs, status)
+        cfg = r.cfg.override("run.resume=true", "run.overwrite=false") if state == "resume" else r.cfg
+        try:
+            runner(cfg)
+        except BaseException:
+            status[(r.variant, r.seed)] = "interrupted"
+            _write_progress(out, runs, status)
+            raise
+        status[(r.variant, r.seed)] = "done" if run_status(r) == "done" else "unfinished"
+        _write_progress(out, runs, status)
+        yield r, "resumed" if state == "resume" else "started"
+
+
+def compare(config_path: str | None, overrides: Sequence[str], *, out_dir: str, variants: Sequence[str] = (),
+            aggregators: Sequence[str] = (), seeds: Sequence[int] = (0,), runner: Runner | None = None,
+            run: bool = True) -> dict[str, Any]:
+    """Run (or, with run=False, only summarise) the study; returns study.json's content."""
+    vs = build_variants(variants, aggregators)
+    runs = plan(config_path, overrides, vs, seeds, out_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    actions: dict[str, int] = {}
+    with _Lock(out / "study.lock"):
+        if run:
+            for _r, action in execute(runs, out, runner or _default_runner):
+                actions[action] = actions.get(action, 0) + 1
+        finished = [r for r in runs if run_status(r) == "done"]
+    if not finished:
+        print(f"no finished run under {out} yet: nothing to summarise", flush=True)
+        return {"runs_finished": 0, "runs_planned": len(runs), "this_invocation": actions}
+    by_variant: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for r in finished:
+        by_variant.setdefault(r.variant, {})[r.seed] = read_rows(r.run_dir / "metrics.jsonl")[:r.cfg.run.steps]
+    names = finished[0].cfg.reward_names
+    summary = study_summary(by_variant, names)
+    summary.update({"config": config_path, "overrides": list(overrides), "seeds": list(seeds),
+                    "variants_spec": {v.name: list(v.overrides) for v in vs}, "runs_finished": len(finished),
+                    "runs_planned": len(runs), "this_invocation": actions})
+    from rvpo_async.study_report import plot_study, study_markdown
+
+    (out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = study_markdown(summary)
+    (out / "study.md").write_text(md)
+    plot_study(by_variant, summary["metrics"], out / "study.png")
+    print(md)
+    return summary
+
+
+
+def split_variant_args(variants: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """argparse's `--variants` takes every word after it, global `key=value` overrides included; a variant
+    has its ':' before any '=', an override does not."""
+    vs, ovs = [], list(overrides)
+    for item in variants:
+        colon, eq = item.find(":"), item.find("=")
+        (vs if colon >= 0 and (eq < 0 or colon < eq) else ovs).append(item)
+    return vs, ovs
+
+
+def detach(config_path: str, overrides: Sequence[str], *, variants: Sequence[str], aggregators: str, seeds: str,
+           out_dir: str) -> tuple[int, Path]:
+    """Start the same study in a new session (it outlives this shell); returns (pid, log path)."""
+    import subprocess
+    import sys
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "study.log"
+    cmd = [sys.executable, "-m", "rvpo_async.cli", "compare", "--config", config_path, "--out", out_dir,
+           "--seeds", seeds, "--aggregators", aggregators, *overrides]
+    if variants:
+        cmd += ["--variants", *variants]
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    (out / "study.pid").write_text(f"{proc.pid}\n")
+    return proc.pid, log_path

@@ -204,7 +204,7 @@ class JudgesConfig:
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    aggregator: Literal["mean", "gdpo", "rvpo", "rvpo_explicit", "min"] = "rvpo"
+    aggregator: Literal["mean", "gdpo", "rvpo", "rvpo_explicit", "min", "gdpo_focus", "rvpo_focus"] = "rvpo"
     k_risk: float = 1.0
     beta: float = 0.5
     reward_weights: Optional[list[float]] = None  # one per judge spec; None = uniform
@@ -239,8 +239,10 @@ class AlgoConfig:
             yield "clip_eps_low", f"must be in [0, 1), got {self.clip_eps_low}"
         if self.clip_eps_high < 0:
             yield "clip_eps_high", f"must be >= 0, got {self.clip_eps_high}"
-        if self.aggregator == "rvpo" and not self.k_risk > 0:
-            yield "k_risk", f"must be > 0 for the rvpo aggregator, got {self.k_risk}"
+        if self.aggregator in ("rvpo", "rvpo_focus") and not self.k_risk > 0:
+            yield "k_risk", f"must be > 0 for the {self.aggregator} aggregator, got {self.k_risk}"
+        if self.aggregator == "gdpo_focus" and not self.k_risk >= 0:
+            yield "k_risk", f"must be >= 0 for the gdpo_focus aggregator (0 = gdpo), got {self.k_risk}"
         if self.is_cap <= 0:
             yield "is_cap", f"must be > 0, got {self.is_cap}"
         if not 0 <= self.is_low < self.is_high:

@@ -95,12 +95,29 @@ def agg_min(z: np.ndarray, w: np.ndarray, valid: np.ndarray) -> float:
     return float(min(z[j] for j in live)) if live else 0.0
 
 
+def focus_weights(rewards: np.ndarray, valid: np.ndarray, k_risk: float) -> np.ndarray:
+    """f_k = K' exp(-k rbar_k) / sum_j exp(-k rbar_j) over the K' rewards with a valid entry anywhere in the
+    batch (rbar_k: the mean of reward k's valid raw entries); 0 for a reward with none."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, rewards.shape[-1])
+    v = np.asarray(valid, dtype=bool).reshape(r.shape)
+    live = [j for j in range(r.shape[1]) if v[:, j].any()]
+    f = np.zeros(r.shape[1])
+    if live:
+        rbar = np.array([r[v[:, j], j].mean() for j in live])
+        e = np.exp(-k_risk * (rbar - rbar.min()))
+        f[live] = len(live) * e / e.sum()
+    return f
+
+
 def aggregate(z: np.ndarray, method: str, *, k_risk: float = 1.0, weights=None, beta: float = 0.5,
-              mask: np.ndarray | None = None) -> np.ndarray:
-    """[..., K] -> [...], one response at a time."""
+              mask: np.ndarray | None = None, rewards: np.ndarray | None = None) -> np.ndarray:
+    """[..., K] -> [...], one response at a time. The focus methods need the raw `rewards`."""
     z = np.asarray(z, dtype=np.float64)
     valid = _as_mask(z, mask)
     flat_w = _response_weights(z.shape, weights).reshape(-1, z.shape[-1])
+    if method in ("gdpo_focus", "rvpo_focus"):
+        flat_w = flat_w * focus_weights(rewards, valid, k_risk)
+        method = method.removesuffix("_focus")
     flat_z = z.reshape(-1, z.shape[-1])
     flat_v = valid.reshape(-1, z.shape[-1])
     out = np.empty(flat_z.shape[0])
@@ -151,7 +168,7 @@ def advantages(rewards: np.ndarray, method: str, *, k_risk: float = 1.0, weights
     if method == "mean":
         return grpo_mean(rewards, weights=weights, eps=eps, mask=mask)
     z = group_normalize(rewards, eps=eps, mask=mask)
-    a = aggregate(z, method, k_risk=k_risk, weights=weights, beta=beta, mask=mask)
+    a = aggregate(z, method, k_risk=k_risk, weights=weights, beta=beta, mask=mask, rewards=rewards)
     return batch_normalize(a, eps) if batch_norm else a
 
 

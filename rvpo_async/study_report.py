@@ -1,0 +1,104 @@
+"""study.md and study.png of a study (rvpo_async.compare); the numbers come from rvpo_async.study_stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rvpo_async.study_stats import REWARD_PREFIX, metric_values
+
+
+def _label(metric: str) -> str:
+    return metric[len(REWARD_PREFIX):] if metric.startswith(REWARD_PREFIX) else metric
+
+
+def _ms(d: Mapping[str, float]) -> str:
+    return f"{d['mean']:.3f} ± {d['std']:.3f}"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def study_markdown(s: Mapping[str, Any]) -> str:
+    metrics = s["metrics"]
+    labels = [_label(m) for m in metrics]
+    variants = s["variants"]
+    seeds = {name: len(v["seeds"]) for name, v in variants.items()}
+    lines = [f"# Study: {s.get('config')}", "",
+             f"Runs finished: {s.get('runs_finished')} of {s.get('runs_planned')}. Seeds per variant: "
+             + ", ".join(f"{n} {k}" for n, k in seeds.items()) + ".", "",
+             "Variants: " + "; ".join(f"`{n}`: `{' '.join(o) or '(the config as is)'}`"
+                                      for n, o in s.get("variants_spec", {}).items()) + ".", "",
+             "## Final value", "",
+             "Mean of the last tenth of the steps, mean ± standard deviation over seeds."
+             + (" `worst_reward_mean`: each response's lowest reward, averaged." if "worst_reward_mean" in metrics
+                else "")
+             + (" `all_met_share`: share of responses meeting every constraint." if "all_met_share" in metrics
+                else "")
+             + (" Lower is better for: " + ", ".join(s["lower_is_better"]) + "." if s.get("lower_is_better")
+                else ""), ""]
+    lines += _table(["variant"] + labels, [[n] + [_ms(v["metrics"][m]["final"]) for m in metrics]
+                                           for n, v in variants.items()])
+    lines += ["", "## Best value and late collapse", "",
+              "Best: the best mean over any window of a tenth of the steps (mean over seeds), at the step the "
+              "window ends (median over seeds). Drop: best minus final, averaged over seeds (late collapse; 0 when "
+              "the last window is the best).", ""]
+    lines += _table(["variant"] + labels,
+                    [[n] + [f"{v['metrics'][m]['best']['mean']:.3f} @{v['metrics'][m]['best_step_median']:.0f}, "
+                            f"drop {v['metrics'][m]['drop']['mean']:.3f}" for m in metrics]
+                     for n, v in variants.items()])
+    if s["pairs"]:
+        level = next(iter(s["pairs"][0]["final"].values()))["ci_level"] if metrics else 0.95
+        lines += ["", "## Pairwise differences of the final values", "",
+                  f"A - B, with a {level:.0%} bootstrap confidence interval and a two-sided permutation p-value "
+                  "over seeds (exact: every split of the pooled seeds; * marks a Monte Carlo p-value). With n "
+                  "seeds per variant the smallest p-value possible is 2 / C(2n, n) (5 vs 5: 0.008). With few seeds "
+                  "the percentile bootstrap interval is too narrow (it ignores how little the seeds tell about "
+                  "the spread): read the p-value first.", ""]
+        rows = []
+        for pair in s["pairs"]:
+            cells = []
+            for m in metrics:
+                t = pair["final"][m]
+                cells.append(f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] "
+                             f"p={t['p_value']:.3g}{'' if t['exact'] else '*'}")
+            rows.append([f"{pair['a']} - {pair['b']}"] + cells)
+        lines += _table(["A - B"] + labels, rows)
+    lines += ["", "Plot: `study.png` (each metric per step, mean over seeds, band: ± one standard deviation).", ""]
+    return "\n".join(lines)
+
+
+def plot_study(runs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]], metrics: Sequence[str],
+               path: Path) -> None:
+    """One panel per metric; per variant the mean over seeds and a band of ± one standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not metrics:
+        return
+    cols = min(4, len(metrics))
+    nrows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for k, m in enumerate(metrics):
+        ax = axes[k // cols][k % cols]
+        for name, by_seed in runs.items():
+            n = min(len(rows) for rows in by_seed.values())
+            vals = np.array([metric_values(list(rows)[:n], m) for rows in by_seed.values()])  # [seeds, steps]
+            steps = np.arange(1, n + 1)
+            mean = vals.mean(0)
+            line, = ax.plot(steps, mean, label=name)
+            if vals.shape[0] > 1:
+                sd = vals.std(0, ddof=1)
+                ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(_label(m))
+        ax.set_xlabel("step")
+    for k in range(len(metrics), nrows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
