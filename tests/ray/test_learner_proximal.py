@@ -15,10 +15,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from ..ports import free_ports
-except ImportError:
-    from ports import free_ports
+from ports import free_ports
 
 pytestmark = [pytest.mark.slow]
 
