@@ -72,6 +72,9 @@ class RolloutConfig:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources per engine
     max_restarts: int = 1
+    # how an engine loads new weights: `repack` (vLLM's reload_weights; CPU kernels repacked each time) or
+    # `in_place` (plain weights copied in place: a sync costs about one memory copy, matmuls are slower)
+    weight_load: Literal["repack", "in_place"] = "repack"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.num_engines < 1:

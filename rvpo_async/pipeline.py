@@ -131,7 +131,8 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
         h = RolloutActor.options(name=f"{run_id}-{name}", **actor_options("rollout", cfg)).remote(
             name, model_path, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.run.seed + i,
-            max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
+            max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
+            weight_load=cfg.rollout.weight_load)
         engines.append(h)
         engine_names.append(name)
     judge_engines = create_judge_engines(cfg, model_path)
