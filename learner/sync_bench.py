@@ -60,6 +60,8 @@ def bench_sync(argv: Sequence[str]) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--repeat", type=int, default=3, help="timed syncs per transport, after one warm-up")
+    p.add_argument("--weight-load", default="repack,in_place",
+                   help="engine load modes to measure (rollout.weight_load), comma-separated")
     p.add_argument("--port", type=int, default=21230, help="learner rendezvous port; the weight group uses the next ones")
     a = p.parse_args(list(argv))
 
@@ -86,26 +88,33 @@ def bench_sync(argv: Sequence[str]) -> int:
         cfg = Config().override("learner.num_ranks=1", "learner.zero_stage=0", f"learner.master_port={a.port}",
                                 "learner.num_cpus=1")
         learner = LearnerGroup(cfg, str(work / "model"))
-        engine = RolloutActor.options(num_cpus=1).remote("bench", str(work / "model"), group_size=1,
-                                                         max_new_tokens=1, max_model_len=128)
-        ray.get(engine.ready.remote())
+        modes = [m.strip() for m in a.weight_load.split(",") if m.strip()]
         print(f"weight sync, learner (DeepSpeed, 1 rank) -> 1 vLLM engine: {nbytes / 1e6:.0f} MB of fp32 weights "
-              f"({a.layers} layers, hidden {a.hidden}); set-up {time.perf_counter() - t0:.0f} s")
-        transports = {"object store (1 safetensors blob)": ObjectStoreSync(),
-                      "collective (gloo, flat buckets)": CollectiveSync(port=a.port + 1, addr=learner.master_addr)}
+              f"({a.layers} layers, hidden {a.hidden})", flush=True)
         copy_s = memcpy_seconds(nbytes, 5)
-        print(f"  {'memory copy (torch, 1 thread)':34s} {copy_s:8.3f} s  {copy_s / gb:7.2f} s/GB   1.0x")
-        version = 0
-        for name, sync in transports.items():
-            version += 1
-            sync.sync(learner, [engine], version)  # warm-up: first export, group set-up, first load
-            times = []
-            for _ in range(a.repeat):
+        print(f"  {'memory copy (torch, 1 thread)':44s} {copy_s:8.3f} s  {copy_s / gb:7.2f} s/GB   1.0x")
+        version, builds = 0, 0
+        for mode in modes:
+            engine = RolloutActor.options(num_cpus=1).remote("bench", str(work / "model"), group_size=1,
+                                                             max_new_tokens=1, max_model_len=128, weight_load=mode)
+            ray.get(engine.ready.remote())
+            transports = {"object store": ObjectStoreSync(),
+                          "collective": CollectiveSync(port=a.port + 1 + 8 * builds, addr=learner.master_addr)}
+            for name, sync in transports.items():
                 version += 1
-                times.append(sync.sync(learner, [engine], version))
-            best, med = min(times), statistics.median(times)
-            print(f"  {name:34s} {best:8.3f} s  {best / gb:7.2f} s/GB  {best / copy_s:5.1f}x memory copy "
-                  f"(median {med / gb:.2f} s/GB over {a.repeat})")
+                sync.sync(learner, [engine], version)  # warm-up: first export, group set-up, first load
+                times = []
+                for _ in range(a.repeat):
+                    version += 1
+                    times.append(sync.sync(learner, [engine], version))
+                best, med = min(times), statistics.median(times)
+                label = f"{name}, weight_load={mode}"
+                print(f"  {label:44s} {best:8.3f} s  {best / gb:7.2f} s/GB  {best / copy_s:5.1f}x memory copy "
+                      f"(median {med / gb:.2f} s/GB over {a.repeat})", flush=True)
+            builds += 1
+            ray.kill(engine)
+            engine = None
+        print(f"  set-up and all syncs: {time.perf_counter() - t0:.0f} s")
         return 0
     finally:
         if learner is not None:
