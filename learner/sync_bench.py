@@ -54,6 +54,56 @@ def memcpy_seconds(nbytes: int, repeat: int) -> float:
     return best
 
 
+def _time_reload(worker: Any, blob: Any, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        worker.rvpo_load_blob(blob)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _time_repack(worker: Any, repeat: int) -> tuple[float, int]:
+    """Best time to build the oneDNN kernels of every linear layer from its plain weight (in_place mode has
+    them), as vLLM's CPU build does after each reload; and the number of layers."""
+    from vllm import _custom_ops as ops
+
+    mods = [m for m in worker.model_runner.get_model().modules() if hasattr(m, "cpu_linear")]
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for m in mods:
+            ops.create_onednn_mm(m.weight.t(), 32)
+        best = min(best, time.perf_counter() - t)
+    return best, len(mods)
+
+
+def engine_breakdown(model_dir: Path, nbytes: int, repeat: int) -> None:
+    """Engine-side cost of one load, in this process (no transport): vLLM's reload with repacking, the
+    repacking alone, and the in-place copy, against a memory copy."""
+    import os
+
+    from actors.vllm_engine import make_llm
+    from actors.weight_receiver import set_weight_load
+    from learner.weight_sync import safetensors_array
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from safetensors.torch import load_file
+
+    blob = safetensors_array({k: v + 1e-3 for k, v in load_file(str(model_dir / "model.safetensors")).items()})
+    copy_s, gb = memcpy_seconds(nbytes, 5), nbytes / 1e9
+    llm = make_llm(str(model_dir), max_model_len=128, worker_extension_cls="actors.weight_receiver.WeightReceiverExtension")
+    reload_s = llm.collective_rpc(_time_reload, args=(blob, repeat))[0]
+    set_weight_load(llm, "in_place")
+    repack_s, layers = llm.collective_rpc(_time_repack, args=(repeat,))[0]
+    in_place_s = llm.collective_rpc(_time_reload, args=(blob, repeat))[0]
+    print(f"engine-side load of {nbytes / 1e6:.0f} MB, in process, best of {repeat}:")
+    for name, sec in (("memory copy (torch, 1 thread)", copy_s), ("reload_weights (weight_load=repack)", reload_s),
+                      (f"  of which oneDNN repacking of {layers} linears", repack_s),
+                      ("in-place load_weights (weight_load=in_place)", in_place_s)):
+        print(f"  {name:46s} {sec:8.3f} s  {sec / gb:7.2f} s/GB  {sec / copy_s:5.1f}x memory copy")
+
+
 def bench_sync(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="rvpo-async bench sync", description=__doc__)
     p.add_argument("--hidden", type=int, default=1024)
@@ -63,7 +113,17 @@ def bench_sync(argv: Sequence[str]) -> int:
     p.add_argument("--weight-load", default="repack,in_place",
                    help="engine load modes to measure (rollout.weight_load), comma-separated")
     p.add_argument("--port", type=int, default=21230, help="learner rendezvous port; the weight group uses the next ones")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only the engine-side load, in this process: reload vs repacking vs in-place copy")
     a = p.parse_args(list(argv))
+    if a.breakdown:
+        work = Path(tempfile.mkdtemp(prefix="rvpo-sync-bench-"))
+        try:
+            nbytes = build_bench_model(work / "model", hidden=a.hidden, layers=a.layers, vocab=a.vocab)
+            engine_breakdown(work / "model", nbytes, max(a.repeat, 2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     import ray
 
