@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e '.[cpu,test]'
+	$(PIP) install -q -e '.[cpu,test,bench]'
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	@touch $@
 

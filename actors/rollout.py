@@ -27,7 +27,8 @@ class RolloutEngine:
     def __init__(self, name: str, model_path: str, *, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_model_len: int = 256,
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
-                 gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None) -> None:
+                 gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
+                 weight_load: str = "repack") -> None:
         apply_vllm_env()
         self.name = name
         self.group_size = group_size
@@ -42,6 +43,10 @@ class RolloutEngine:
                             logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization,
                             gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes)
         self.tokenizer = self.llm.get_tokenizer()
+        if weight_load != "repack":
+            from actors.weight_receiver import set_weight_load
+
+            set_weight_load(self.llm, weight_load)
         self.generated_tokens = 0
 
     def _params(self, n: int, seed: int | None, max_tokens: int | None = None):

@@ -10,7 +10,17 @@ layouts after loading, and `reload_weights` redoes that processing.
 Arguments cross `collective_rpc` untyped: a multi-process engine's serialiser would turn tensors into
 nested lists, so only buffers (the blob), ints, strings and plain lists/dicts of them are sent.
 
-The module functions `load_blob`, `init_group` and `receive_broadcast` are what `actors.rollout` calls.
+Two ways to load (`rollout.weight_load`):
+- `repack` (the default): vLLM's `reload_weights`. On CPU every linear layer's weight is repacked into a
+  oneDNN kernel layout after each load; that repacking, not the copy, is most of a sync's time.
+- `in_place`: once, at start-up, every linear layer gets its plain weight back (the kernel layout is
+  dropped: matmuls go through torch's `F.linear`), and each update is the model's own `load_weights`,
+  which copies every tensor into the existing parameters through vLLM's weight loaders (the path of
+  vLLM's RLHF examples): about one memory copy's worth of time, at the price of slower matmuls in
+  generation where they dominate (larger models). On GPU nothing is repacked and the switch is a no-op.
+
+The module functions `load_blob`, `init_group`, `receive_broadcast` and `set_weight_load` are what
+`actors.rollout` calls.
 """
 
 from __future__ import annotations
@@ -107,10 +117,55 @@ def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(tied.values())
 
 
+WEIGHT_LOAD_MODES = ("repack", "in_place")
+
+
+def keep_plain_weights(model: torch.nn.Module, reload: Any) -> int:
+    """Give every CPU-dispatched linear layer a plain weight parameter and route its matmul through
+    `F.linear`, then fill the weights by `reload()` (an iterator of (name, tensor) of the checkpoint).
+    Returns the number of layers switched; 0 where nothing was repacked (GPU)."""
+    import torch.nn.functional as F
+    from vllm.model_executor.utils import set_weight_attrs
+
+    n = 0
+    for mod in model.modules():
+        if not hasattr(mod, "cpu_linear"):
+            continue
+        w = mod.weight
+        if w.numel() == 0:  # the kernel layout replaced it: a plain parameter the v1 loader can fill
+            shape = (int(mod.output_size_per_partition), int(mod.input_size_per_partition))
+            plain = torch.nn.Parameter(torch.empty(shape, dtype=w.dtype, device=w.device), requires_grad=False)
+            set_weight_attrs(plain, {"weight_loader": mod.weight_loader, "output_dim": 0, "input_dim": 1})
+            mod.weight = plain
+        mod.cpu_linear = F.linear
+        n += 1
+    if n:
+        with torch.no_grad():
+            model.load_weights(reload())  # type: ignore[operator]
+    return n
+
+
 class WeightReceiverExtension:
     """Methods mixed into vLLM's worker; `self` is the worker (it has `reload_weights`)."""
 
+    def rvpo_set_weight_load(self, mode: str) -> int:
+        if mode not in WEIGHT_LOAD_MODES:
+            raise ValueError(f"weight load mode {mode!r}: expected one of {WEIGHT_LOAD_MODES}")
+        self._rvpo_in_place = mode == "in_place"
+        if not self._rvpo_in_place:
+            return 0
+        from vllm.model_executor.model_loader import get_model_loader
+
+        cfg = self.model_runner.vllm_config  # type: ignore[attr-defined]
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        return keep_plain_weights(
+            model, lambda: get_model_loader(cfg.load_config).get_all_weights(cfg.model_config, model))
+
     def _rvpo_reload(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if getattr(self, "_rvpo_in_place", False):
+            with torch.no_grad():
+                self.model_runner.get_model().load_weights(iter(named))  # type: ignore[attr-defined]
+            return
         self.reload_weights(weights_iterator=iter(named))  # type: ignore[attr-defined]
         # a tied layer keeps the kernel packed from its old weight: rebuild it from the new shared one
         for mod in tied_modules(self.model_runner.get_model()):  # type: ignore[attr-defined]
@@ -147,6 +202,12 @@ def load_blob(llm: Any, blob: Any) -> int:
     in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
     payload = blob if in_process or isinstance(blob, bytes) else bytes(memoryview(blob).cast("B"))
     return int(llm.collective_rpc("rvpo_load_blob", args=(payload,))[0])
+
+
+def set_weight_load(llm: Any, mode: str) -> int:
+    """Choose how later updates load (`repack` or `in_place`, see the module docstring); returns the
+    number of linear layers switched to plain weights."""
+    return int(llm.collective_rpc("rvpo_set_weight_load", args=(str(mode),))[0])
 
 
 def init_group(llm: Any, addr: str, port: int, world_size: int, rank: int) -> None:

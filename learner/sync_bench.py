@@ -54,14 +54,76 @@ def memcpy_seconds(nbytes: int, repeat: int) -> float:
     return best
 
 
+def _time_reload(worker: Any, blob: Any, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        worker.rvpo_load_blob(blob)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _time_repack(worker: Any, repeat: int) -> tuple[float, int]:
+    """Best time to build the oneDNN kernels of every linear layer from its plain weight (in_place mode has
+    them), as vLLM's CPU build does after each reload; and the number of layers."""
+    from vllm import _custom_ops as ops
+
+    mods = [m for m in worker.model_runner.get_model().modules() if hasattr(m, "cpu_linear")]
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for m in mods:
+            ops.create_onednn_mm(m.weight.t(), 32)
+        best = min(best, time.perf_counter() - t)
+    return best, len(mods)
+
+
+def engine_breakdown(model_dir: Path, nbytes: int, repeat: int) -> None:
+    """Engine-side cost of one load, in this process (no transport): vLLM's reload with repacking, the
+    repacking alone, and the in-place copy, against a memory copy."""
+    import os
+
+    from actors.vllm_engine import make_llm
+    from actors.weight_receiver import set_weight_load
+    from learner.weight_sync import safetensors_array
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from safetensors.torch import load_file
+
+    blob = safetensors_array({k: v + 1e-3 for k, v in load_file(str(model_dir / "model.safetensors")).items()})
+    copy_s, gb = memcpy_seconds(nbytes, 5), nbytes / 1e9
+    llm = make_llm(str(model_dir), max_model_len=128, worker_extension_cls="actors.weight_receiver.WeightReceiverExtension")
+    reload_s = llm.collective_rpc(_time_reload, args=(blob, repeat))[0]
+    set_weight_load(llm, "in_place")
+    repack_s, layers = llm.collective_rpc(_time_repack, args=(repeat,))[0]
+    in_place_s = llm.collective_rpc(_time_reload, args=(blob, repeat))[0]
+    print(f"engine-side load of {nbytes / 1e6:.0f} MB, in process, best of {repeat}:")
+    for name, sec in (("memory copy (torch, 1 thread)", copy_s), ("reload_weights (weight_load=repack)", reload_s),
+                      (f"  of which oneDNN repacking of {layers} linears", repack_s),
+                      ("in-place load_weights (weight_load=in_place)", in_place_s)):
+        print(f"  {name:46s} {sec:8.3f} s  {sec / gb:7.2f} s/GB  {sec / copy_s:5.1f}x memory copy")
+
+
 def bench_sync(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="rvpo-async bench sync", description=__doc__)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--repeat", type=int, default=3, help="timed syncs per transport, after one warm-up")
+    p.add_argument("--weight-load", default="repack,in_place",
+                   help="engine load modes to measure (rollout.weight_load), comma-separated")
     p.add_argument("--port", type=int, default=21230, help="learner rendezvous port; the weight group uses the next ones")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only the engine-side load, in this process: reload vs repacking vs in-place copy")
     a = p.parse_args(list(argv))
+    if a.breakdown:
+        work = Path(tempfile.mkdtemp(prefix="rvpo-sync-bench-"))
+        try:
+            nbytes = build_bench_model(work / "model", hidden=a.hidden, layers=a.layers, vocab=a.vocab)
+            engine_breakdown(work / "model", nbytes, max(a.repeat, 2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     import ray
 
@@ -86,26 +148,33 @@ def bench_sync(argv: Sequence[str]) -> int:
         cfg = Config().override("learner.num_ranks=1", "learner.zero_stage=0", f"learner.master_port={a.port}",
                                 "learner.num_cpus=1")
         learner = LearnerGroup(cfg, str(work / "model"))
-        engine = RolloutActor.options(num_cpus=1).remote("bench", str(work / "model"), group_size=1,
-                                                         max_new_tokens=1, max_model_len=128)
-        ray.get(engine.ready.remote())
+        modes = [m.strip() for m in a.weight_load.split(",") if m.strip()]
         print(f"weight sync, learner (DeepSpeed, 1 rank) -> 1 vLLM engine: {nbytes / 1e6:.0f} MB of fp32 weights "
-              f"({a.layers} layers, hidden {a.hidden}); set-up {time.perf_counter() - t0:.0f} s")
-        transports = {"object store (1 safetensors blob)": ObjectStoreSync(),
-                      "collective (gloo, flat buckets)": CollectiveSync(port=a.port + 1, addr=learner.master_addr)}
+              f"({a.layers} layers, hidden {a.hidden})", flush=True)
         copy_s = memcpy_seconds(nbytes, 5)
-        print(f"  {'memory copy (torch, 1 thread)':34s} {copy_s:8.3f} s  {copy_s / gb:7.2f} s/GB   1.0x")
-        version = 0
-        for name, sync in transports.items():
-            version += 1
-            sync.sync(learner, [engine], version)  # warm-up: first export, group set-up, first load
-            times = []
-            for _ in range(a.repeat):
+        print(f"  {'memory copy (torch, 1 thread)':44s} {copy_s:8.3f} s  {copy_s / gb:7.2f} s/GB   1.0x")
+        version, builds = 0, 0
+        for mode in modes:
+            engine = RolloutActor.options(num_cpus=1).remote("bench", str(work / "model"), group_size=1,
+                                                             max_new_tokens=1, max_model_len=128, weight_load=mode)
+            ray.get(engine.ready.remote())
+            transports = {"object store": ObjectStoreSync(),
+                          "collective": CollectiveSync(port=a.port + 1 + 8 * builds, addr=learner.master_addr)}
+            for name, sync in transports.items():
                 version += 1
-                times.append(sync.sync(learner, [engine], version))
-            best, med = min(times), statistics.median(times)
-            print(f"  {name:34s} {best:8.3f} s  {best / gb:7.2f} s/GB  {best / copy_s:5.1f}x memory copy "
-                  f"(median {med / gb:.2f} s/GB over {a.repeat})")
+                sync.sync(learner, [engine], version)  # warm-up: first export, group set-up, first load
+                times = []
+                for _ in range(a.repeat):
+                    version += 1
+                    times.append(sync.sync(learner, [engine], version))
+                best, med = min(times), statistics.median(times)
+                label = f"{name}, weight_load={mode}"
+                print(f"  {label:44s} {best:8.3f} s  {best / gb:7.2f} s/GB  {best / copy_s:5.1f}x memory copy "
+                      f"(median {med / gb:.2f} s/GB over {a.repeat})", flush=True)
+            builds += 1
+            ray.kill(engine)
+            engine = None
+        print(f"  set-up and all syncs: {time.perf_counter() - t0:.0f} s")
         return 0
     finally:
         if learner is not None:

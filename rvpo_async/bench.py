@@ -94,12 +94,19 @@ def _bench_pipeline(argv: Sequence[str]) -> int:
     return bench_pipeline(argv)
 
 
+def _bench_trl(argv: Sequence[str]) -> int:
+    from rvpo_async.trl_bench import bench_trl
+
+    return bench_trl(argv)
+
+
 BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
     "algo": bench_algo,
     "buffer": _bench_buffer,
     "rollout": _bench_rollout,
     "sync": _bench_sync,
     "pipeline": _bench_pipeline,
+    "trl": _bench_trl,
 }
 
 

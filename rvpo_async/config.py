@@ -92,6 +92,9 @@ class RolloutConfig:
     # share of its GPU's memory that one engine's vLLM may use (weights, activations, KV cache); CUDA only
     gpu_memory_utilization: float = 0.9
     gpu_kv_cache_memory_bytes: Optional[int] = None  # KV cache on CUDA; None: what the share leaves
+    # how an engine loads new weights: `repack` (vLLM's reload_weights; CPU kernels repacked each time) or
+    # `in_place` (plain weights copied in place: a sync costs about one memory copy, matmuls are slower)
+    weight_load: Literal["repack", "in_place"] = "repack"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not 0 < self.gpu_memory_utilization <= 1:

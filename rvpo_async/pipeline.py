@@ -134,7 +134,7 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.run.seed + i,
             max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            gpu_kv_cache_memory_bytes=cfg.rollout.gpu_kv_cache_memory_bytes)
+            gpu_kv_cache_memory_bytes=cfg.rollout.gpu_kv_cache_memory_bytes, weight_load=cfg.rollout.weight_load)
         engines.append(h)
         engine_names.append(name)
     judge_engines = create_judge_engines(cfg, model_path)

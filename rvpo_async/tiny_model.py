@@ -101,3 +101,39 @@ def ensure_tiny_model(path: str | Path, seed: int = 0) -> Path:
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file() and (p / "tokenizer.json").is_file():
         return p
     return make_tiny_model(p, seed)
+
+
+# The middle rung of the speed ladder (`rvpo-async bench trl --model 25m`): the tiny model's tokenizer and
+# the same architecture, 8 layers of hidden 512 (8 heads of 64, 2 KV heads): about 25M parameters, where
+# the arithmetic of a step, not per-call overhead, takes most of the time.
+LADDER_25M = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "head_dim": 64}
+
+
+def make_qwen2_25m(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build and save a random Qwen2 of about 25M parameters with the tiny model's tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(seed)
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      tie_word_embeddings=True, torch_dtype="float32", eos_token_id=eos, pad_token_id=pad,
+                      bos_token_id=None, use_sliding_window=False, **LADDER_25M)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def ensure_qwen2_25m(path: str | Path, seed: int = 0) -> Path:
+    p = Path(path)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file() and (p / "tokenizer.json").is_file():
+        return p
+    return make_qwen2_25m(p, seed)

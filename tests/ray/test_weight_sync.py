@@ -160,3 +160,45 @@ def test_restarted_engine_catches_up_to_the_latest_version(setup: Any, transport
     after_next = ray.get(engine.score_tokens.remote(PROMPT, RESPONSE))
     assert ray.get(engine.get_version.remote()) == version + 1
     assert max_diff(after_next, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def in_place_engine(setup: Any, tiny_model_dir: str):
+    import ray
+
+    from actors.rollout import RolloutActor
+
+    engine = RolloutActor.options(num_cpus=0.5).remote("e-in-place", tiny_model_dir, group_size=2, max_new_tokens=4,
+                                                       weight_load="in_place")
+    ray.get(engine.ready.remote())
+    yield engine
+    ray.kill(engine)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_in_place_engine_scores_like_transformers_at_start_and_after_each_sync(
+        setup: Any, in_place_engine: Any, tiny_model_dir: str) -> None:
+    """rollout.weight_load=in_place: plain weights filled from the checkpoint at start-up, then every update
+    copied in place by the model's weight loaders, by either transport (the tied lm_head included)."""
+    from pathlib import Path
+
+    import ray
+    from safetensors.torch import load_file
+
+    from rvpo_async.types import Prompt
+
+    learner, _, syncs = setup
+    start = ray.get(in_place_engine.score_tokens.remote(PROMPT, RESPONSE))
+    checkpoint = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert max_diff(start, reference_logprobs(tiny_model_dir, checkpoint)) < 1e-4
+    for i, transport in enumerate(TRANSPORTS):
+        version = ray.get(in_place_engine.get_version.remote()) + 1
+        set_perturbed_weights(learner, seed=30 + i)
+        syncs[transport].sync(learner, [in_place_engine], version)
+        after = ray.get(in_place_engine.score_tokens.remote(PROMPT, RESPONSE))
+        assert max_diff(after, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-4
+        assert max_diff(after, start) > 1e-2
+    groups = ray.get(in_place_engine.generate.remote(
+        [Prompt("p", "", tuple(PROMPT))], [0], [1]))
+    assert len(groups[0].samples) == 2 and all(s.token_ids for s in groups[0].samples)
