@@ -79,3 +79,6 @@ def test_resume_after_the_learner_was_killed_trains_every_step(tmp_path: Path, t
     assert len(trained) == len(set(trained)) == 8 * 4, "a group was trained twice, or one went missing"
     report = json.loads((run / "report.json").read_text())
     assert report["steps"] == 8 and report["policy_version"] == 8
+    led = report["ledger"]
+    assert led["trained"] == 8 * 4
+    assert led["admitted"] == led["trained"] + sum(led["dropped"].values()) + led["in_flight"], led
