@@ -25,6 +25,8 @@ class RunConfig:
     seed: int = 0
     resume: bool = False  # continue from the latest checkpoint in output_dir
     overwrite: bool = False  # a fresh run may replace a previous run's files in output_dir
+    # resume when output_dir holds a checkpoint of the same config (a retried KubeRay driver), else start fresh
+    auto_resume: bool = False
     progress: bool = True
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -32,6 +34,8 @@ class RunConfig:
             yield "steps", f"must be >= 1, got {self.steps}"
         if self.resume and self.overwrite:
             yield "overwrite", "cannot be combined with run.resume (resume keeps the previous run's files)"
+        if self.auto_resume and self.resume:
+            yield "auto_resume", "cannot be combined with run.resume (auto_resume decides whether to resume)"
 
 
 @dataclass(frozen=True)
