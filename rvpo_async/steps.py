@@ -27,6 +27,21 @@ def describe_actor_error(name: str, err: BaseException) -> str:
     return f"actor '{name}' failed: {type(cause).__name__}: {text[-1] if text else ''}"
 
 
+class ActorDied(RuntimeError):
+    """An actor of the run died (its process is gone, not an exception in its code): the run can recover by
+    resuming from its latest checkpoint (rvpo_async.driver.train, run.max_restarts)."""
+
+    def __init__(self, actor: str, message: str) -> None:
+        super().__init__(message)
+        self.actor = actor
+
+
+def actor_failure(name: str, err: BaseException) -> RuntimeError:
+    """The error that stops the run when a call to actor `name` failed: ActorDied when the actor is gone."""
+    message = describe_actor_error(name, err)
+    return ActorDied(name, message) if isinstance(err, ray.exceptions.RayActorError) else RuntimeError(message)
+
+
 def group_seed(run_seed: int, group_id: int) -> int:
     return (run_seed * 1_000_003 + group_id * 7919) % (2**31 - 1)
 
@@ -134,7 +149,7 @@ class Stepper:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    raise RuntimeError(describe_actor_error("buffer", e)) from None
+                    raise actor_failure("buffer", e) from None
         return len(entries)
 
     def try_pull(self, min_groups: int | None = None) -> Any:
@@ -142,7 +157,7 @@ class Stepper:
         try:
             return ray.get(self.p.buffer.pull.remote(gps, self.state.version, min_groups=min_groups or gps))
         except ray.exceptions.RayError as e:
-            raise RuntimeError(describe_actor_error("buffer", e)) from None
+            raise actor_failure("buffer", e) from None
 
     def tick(self, force: bool = False) -> None:
         """About once a second: live judge-pool control, autoscaling and the buffer/judge gauges."""
@@ -198,7 +213,7 @@ class Stepper:
             try:
                 stats = self.p.learner.train_step(batch, self.p.loss_fn)
             except ray.exceptions.RayError as e:
-                raise RuntimeError(describe_actor_error("learner", e)) from None
+                raise actor_failure("learner", e) from None
             t1 = time.perf_counter()
             version = self.p.learner.version
             try:
@@ -279,7 +294,7 @@ class Stepper:
             for gid, reason in ray.get(self.p.buffer.take_dropped.remote()):
                 self.state.close_groups([gid], dropped=reason)
         except ray.exceptions.RayError as e:
-            raise RuntimeError(describe_actor_error("buffer", e)) from None
+            raise actor_failure("buffer", e) from None
 
     def checkpoint(self) -> None:
         if self.last_ckpt_version == self.state.version:
@@ -288,7 +303,8 @@ class Stepper:
         self.p.learner.save_checkpoint(str(self.ckpt_dir), self._extra_state())
         self.last_ckpt_version = self.state.version
 
-    def resume(self) -> None:
+    def resume(self) -> dict[str, int]:
+        """Continue from the latest checkpoint; returns the groups it dropped and generates again."""
         from learner.checkpoint import find_latest
 
         latest = find_latest(str(self.ckpt_dir))
@@ -325,6 +341,7 @@ class Stepper:
             log.info("generating again %d group(s) open at the checkpoint and no longer in the buffer", len(again))
         self.p.sync.sync(self.p.learner, self.p.engines, st.version)
         log.info("resumed from %s at step %d, policy version %d", latest, st.step, st.version)
+        return {"step": st.step, "dropped_after_checkpoint": int(late), "generated_again": len(again)}
 
     def _wait_available(self, i: int, err: BaseException | None = None) -> None:
         """Block until engine i answers (a restarting actor is "temporarily unavailable" until its
@@ -337,10 +354,10 @@ class Stepper:
                 return
             except ray.exceptions.ActorUnavailableError as e:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(describe_actor_error(name, err or e)) from None
+                    raise actor_failure(name, err or e) from None
                 time.sleep(1.0)
             except ray.exceptions.RayError as e:
-                raise RuntimeError(describe_actor_error(name, err or e)) from None
+                raise actor_failure(name, err or e) from None
 
     def _catch_up_all(self, version: int) -> None:
         for i, eng in enumerate(self.p.engines):
