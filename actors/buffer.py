@@ -72,9 +72,9 @@ class BufferActor:
                 self._room.notify_all()
         return table
 
-    async def discard_admitted_from(self, first_group_id: int) -> int:
+    async def discard_after_checkpoint(self, next_group_id: int, version: int) -> int:
         async with self._room:
-            n = self._buf.discard_admitted_from(first_group_id)
+            n = self._buf.discard_after_checkpoint(next_group_id, version)
             if n:
                 self._room.notify_all()
         return n
@@ -82,8 +82,8 @@ class BufferActor:
     async def ready_group_ids(self) -> list[int]:
         return self._buf.ready_group_ids()
 
-    async def take_dropped_ids(self) -> list[int]:
-        return self._buf.take_dropped_ids()
+    async def take_dropped(self) -> list[tuple[int, str]]:
+        return self._buf.take_dropped()
 
     async def has_room(self) -> bool:
         return self._buf.has_room()

@@ -105,6 +105,14 @@ def _cmd_gpu_check(args: argparse.Namespace) -> int:
     return gpu_check(args.out, steps=args.steps)
 
 
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    from rvpo_async.chaos import chaos
+    from rvpo_async.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    return chaos(cfg, [k for k in args.kill.split(",") if k], args.duration, args.judge_every)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rvpo_async import bench
 
@@ -169,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/gpu-check", help="run directory")
     s.add_argument("--steps", type=int, default=4)
     s.set_defaults(func=_cmd_gpu_check)
+
+    s = sub.add_parser("chaos", help="train while killing actors; exit 0 when every step trained and the ledger "
+                                     "reconciles")
+    s.add_argument("--config", default="configs/tiny-cpu.yaml")
+    s.add_argument("--duration", type=float, default=180.0, help="seconds over which the kills are spread")
+    s.add_argument("--judge-every", type=float, default=20.0, help="seconds between judge-worker kills")
+    s.add_argument("--kill", default="learner,buffer,rollout,judge", help="actor kinds to kill (comma-separated)")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.set_defaults(func=_cmd_chaos)
 
     s = sub.add_parser("bench", help="benchmarks: algo, buffer, rollout, sync, pipeline (async vs sync), trl")
     s.add_argument("what", choices=["algo", "buffer", "rollout", "sync", "pipeline", "trl"])

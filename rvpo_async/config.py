@@ -27,6 +27,10 @@ class RunConfig:
     seed: int = 0
     resume: bool = False  # continue from the latest checkpoint in output_dir
     overwrite: bool = False  # a fresh run may replace a previous run's files in output_dir
+    # resume when output_dir holds a checkpoint of the same config (a retried KubeRay driver), else start fresh
+    auto_resume: bool = False
+    # in-run recoveries after an actor died: stop every actor and resume from the latest checkpoint
+    max_restarts: int = 2
     progress: bool = True
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -34,6 +38,10 @@ class RunConfig:
             yield "steps", f"must be >= 1, got {self.steps}"
         if self.resume and self.overwrite:
             yield "overwrite", "cannot be combined with run.resume (resume keeps the previous run's files)"
+        if self.max_restarts < 0:
+            yield "max_restarts", f"must be >= 0, got {self.max_restarts}"
+        if self.auto_resume and self.resume:
+            yield "auto_resume", "cannot be combined with run.resume (auto_resume decides whether to resume)"
 
 
 @dataclass(frozen=True)
@@ -154,10 +162,13 @@ class JudgeEngineConfig:
     resources: Optional[dict[str, float]] = None
     gpu_memory_utilization: float = 0.9  # share of its GPU's memory; CUDA only
     gpu_kv_cache_memory_bytes: Optional[int] = None  # KV cache on CUDA; None: what the share leaves
+    max_restarts: int = 1  # a dead engine is started again (its pending grading calls are sent again)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not 0 < self.gpu_memory_utilization <= 1:
             yield "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"
+        if self.max_restarts < 0:
+            yield "max_restarts", f"must be >= 0, got {self.max_restarts}"
         if self.model_path is not None and not self.model_path.strip():
             yield "model_path", "must be a model directory or hub name, or null for the policy's model (model.path)"
         if self.max_model_len is not None and self.max_model_len < 16:

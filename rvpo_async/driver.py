@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -28,7 +28,7 @@ from rvpo_async.evaluate import Evaluator
 from rvpo_async.pipeline import Pipeline, build_pipeline, init_ray
 from rvpo_async.report import StepLog, summarise, write_reports
 from rvpo_async.staleness import admission_capacity
-from rvpo_async.steps import RunState, Stepper, describe_actor_error
+from rvpo_async.steps import ActorDied, RunState, Stepper, actor_failure
 from rvpo_async.tracking import start_trackers
 
 log = logging.getLogger("rvpo_async")
@@ -89,7 +89,7 @@ class AsyncLoop:
                 self.state.submitted_groups -= len(items)
                 continue
             except ray.exceptions.RayTaskError as e:
-                raise RuntimeError(describe_actor_error(self.p.engine_names[i], e)) from None
+                raise actor_failure(self.p.engine_names[i], e) from None
             self.stepper.on_generated(groups)
             for g in groups:
                 self.put_inflight[self.p.buffer.put_group.remote(g)] = g
@@ -104,7 +104,7 @@ class AsyncLoop:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as e:
-                raise RuntimeError(describe_actor_error("buffer", e)) from None
+                raise actor_failure("buffer", e) from None
             self.p.judges.submit(g)
         return len(done)
 
@@ -157,7 +157,7 @@ def run_sync(p: Pipeline, stepper: Stepper, state: RunState, stop: threading.Eve
             try:
                 groups += ray.get(ref)
             except ray.exceptions.RayError as e:
-                raise RuntimeError(describe_actor_error(p.engine_names[i], e)) from None
+                raise actor_failure(p.engine_names[i], e) from None
         stepper.on_generated(groups)
         t1 = time.perf_counter()
         ray.get([p.buffer.put_group.remote(g) for g in groups])
@@ -195,11 +195,53 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run the configured training end to end; returns report.json's content."""
+# keys that may differ between a run and its continuation
+_RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.overwrite", "run.auto_resume", "run.progress"}
+
+
+def resolve_auto_resume(cfg: Config) -> Config:
+    """run.auto_resume: continue the run in output_dir when it holds a checkpoint of the same config (a retried
+    driver resumes its own run), or start afresh, replacing what a run that never checkpointed left behind."""
+    if not cfg.run.auto_resume:
+        return cfg
+    from learner.checkpoint import find_latest
+    from rvpo_async.config import load_config
+
+    run_dir = Path(cfg.run.output_dir)
+    if find_latest(str(run_dir / "checkpoints")) is None:
+        log.info("run.auto_resume: no checkpoint under %s, starting a fresh run", run_dir)
+        return cfg.override("run.auto_resume=false", "run.overwrite=true")
+    now = _flat(cfg.to_dict())
+    before = _flat(load_config(run_dir / "config.yaml").to_dict()) if (run_dir / "config.yaml").is_file() else {}
+    differ = sorted(k for k in now.keys() | before.keys() if k not in _RESUMABLE_CHANGES and now.get(k) != before.get(k))
+    if differ:
+        raise ValueError(f"run.auto_resume: {run_dir} holds a checkpoint of a different config (keys that differ: "
+                         f"{', '.join(differ[:8])}); use another run.output_dir or run.overwrite=true")
+    log.info("run.auto_resume: resuming the run in %s", run_dir)
+    return cfg.override("run.auto_resume=false", "run.resume=true", "run.overwrite=false")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of the config sections (mappings that are values, like resources, stay whole)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and (not prefix or k == "engine"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def train(cfg: Config, on_pipeline: Callable[[Pipeline], None] | None = None) -> dict[str, Any]:
+    """Run the configured training end to end; returns report.json's content.
+
+    When an actor dies (learner rank, buffer, rollout engine past its own restarts, judge engine), the run
+    recovers by itself up to run.max_restarts times: every actor is stopped and built again, and the run
+    resumes from its latest checkpoint (the same path as --resume after a crash). Exhausting the budget, or a
+    death before the first checkpoint, stops the run with the actor, the cause and the counts.
+    `on_pipeline` sees the actors of each attempt once they are built (rvpo_async.chaos kills them)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_dir = prepare_run_dir(cfg)
-    dump_config(cfg, run_dir / "config.yaml")
+    cfg = resolve_auto_resume(cfg)
     started_ray = init_ray(cfg)
     stop = threading.Event()
     interrupted: list[str] = []
@@ -209,13 +251,48 @@ def train(cfg: Config) -> dict[str, Any]:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    recoveries: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                return _run(cfg, stop, interrupted, recoveries, on_pipeline)
+            except (ActorDied, ray.exceptions.RayActorError) as e:
+                died = e if isinstance(e, ActorDied) else actor_failure("an actor", e)
+                from learner.checkpoint import find_latest
+
+                ckpt = find_latest(str(Path(cfg.run.output_dir) / "checkpoints"))
+                if stop.is_set() or ckpt is None or len(recoveries) >= cfg.run.max_restarts:
+                    why = ("stopping" if stop.is_set() else "no checkpoint to recover from yet" if ckpt is None
+                           else f"run.max_restarts={cfg.run.max_restarts} recoveries used")
+                    raise RuntimeError(f"{died} ({why}; {len(recoveries)} recoveries so far)") from None
+                log.warning("%s; recovering from checkpoint %s (recovery %d of %d)", died, ckpt.name,
+                            len(recoveries) + 1, cfg.run.max_restarts)
+                recoveries.append({"actor": getattr(died, "actor", "?"), "cause": str(died), "time": time.time(),
+                                   "checkpoint": ckpt.name})
+                cfg = cfg.override("run.resume=true", "run.overwrite=false")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if started_ray:
+            ray.shutdown()
+
+
+def _run(cfg: Config, stop: threading.Event, interrupted: list[str], recoveries: list[dict[str, Any]],
+         on_pipeline: Callable[[Pipeline], None] | None) -> dict[str, Any]:
+    """One attempt: build every actor, train until run.steps (or a signal), write the reports."""
+    run_dir = prepare_run_dir(cfg)
+    dump_config(cfg, run_dir / "config.yaml")
     p = trackers = stepper = None
     try:
         p = build_pipeline(cfg, run_dir)
         state = RunState.start(cfg, p.prompts)
         stepper = Stepper(p, state, run_dir)
         if cfg.run.resume:
-            stepper.resume()
+            replay = stepper.resume()
+            if recoveries:
+                recoveries[-1].update(replay)
+        if on_pipeline is not None:
+            on_pipeline(p)
         trackers = start_trackers(cfg, run_dir)
         steplog = StepLog(run_dir, append=cfg.run.resume, through_step=state.step, trackers=trackers)
         stepper.steplog = steplog
@@ -235,20 +312,17 @@ def train(cfg: Config) -> dict[str, Any]:
         steplog.close()
         report = summarise(steplog.rows, cfg.reward_names, mode=cfg.run.mode, aggregator=cfg.algo.aggregator,
                            wall_seconds=wall, samples=state.trained_samples_this_run,
-                           generated_tokens=state.generated_tokens_this_run, extra=stepper.report_extra())
+                           generated_tokens=state.generated_tokens_this_run,
+                           extra={**stepper.report_extra(), "recoveries": recoveries})
         write_reports(run_dir, report, steplog.rows, cfg.reward_names)
         trackers.close()
         if interrupted:
             raise Interrupted(f"stopped by {interrupted[0]} at step {state.step}; checkpoint written to {run_dir}")
         return report
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         if trackers is not None:
             trackers.close()
         if stepper is not None and stepper.evaluator is not None:
             stepper.evaluator.close()
         if p is not None:
             p.shutdown()
-        if started_ray:
-            ray.shutdown()

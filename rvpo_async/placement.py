@@ -28,7 +28,9 @@ def actor_options(kind: ActorKind, cfg: Config, **extra: Any) -> dict[str, Any]:
     elif kind == "judge_engine":
         e = cfg.judges.engine
         opts = dict(num_cpus=cfg.judges.num_cpus if e.num_cpus is None else e.num_cpus, num_gpus=e.num_gpus,
-                    resources=dict(cfg.judges.resources if e.resources is None else e.resources), max_restarts=0)
+                    resources=dict(cfg.judges.resources if e.resources is None else e.resources),
+                    # a dead judge engine is started again and the grading calls it held are sent again
+                    max_restarts=e.max_restarts, max_task_retries=1 if e.max_restarts else 0)
     elif kind == "learner":
         opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                     resources=dict(cfg.learner.resources), max_restarts=0)

@@ -30,6 +30,21 @@ def describe_actor_error(name: str, err: BaseException) -> str:
     return f"actor '{name}' failed: {type(cause).__name__}: {text[-1] if text else ''}"
 
 
+class ActorDied(RuntimeError):
+    """An actor of the run died (its process is gone, not an exception in its code): the run can recover by
+    resuming from its latest checkpoint (rvpo_async.driver.train, run.max_restarts)."""
+
+    def __init__(self, actor: str, message: str) -> None:
+        super().__init__(message)
+        self.actor = actor
+
+
+def actor_failure(name: str, err: BaseException) -> RuntimeError:
+    """The error that stops the run when a call to actor `name` failed: ActorDied when the actor is gone."""
+    message = describe_actor_error(name, err)
+    return ActorDied(name, message) if isinstance(err, ray.exceptions.RayActorError) else RuntimeError(message)
+
+
 def group_seed(run_seed: int, group_id: int) -> int:
     return (run_seed * 1_000_003 + group_id * 7919) % (2**31 - 1)
 
@@ -52,6 +67,8 @@ class RunState:
     # admitted and neither trained nor dropped yet: group_id -> (prompt_id, seed). A checkpoint saves it, so a
     # resume can generate again what a crashed run admitted before the checkpoint and lost afterwards
     open_groups: dict[int, tuple[str, int]] = field(default_factory=dict)
+    trained_groups: int = 0  # the ledger: every admitted group is trained, dropped (by reason) or open
+    dropped_groups: dict[str, int] = field(default_factory=dict)
     _stream: Iterator[Prompt] | None = None
 
     @classmethod
@@ -79,10 +96,21 @@ class RunState:
             self.next_group_id += 1
         return prompts, gids, seeds
 
-    def close_groups(self, group_ids: list[int]) -> None:
-        """Trained or dropped: no resume generates these again."""
+    def close_groups(self, group_ids: list[int], dropped: str | None = None) -> None:
+        """Trained (dropped None) or dropped for that reason: no resume generates these again. Ids that are not
+        open (copies dropped by a resume, which admits them again) change nothing."""
         for g in group_ids:
-            self.open_groups.pop(g, None)
+            if self.open_groups.pop(g, None) is None:
+                continue
+            if dropped is None:
+                self.trained_groups += 1
+            else:
+                self.dropped_groups[dropped] = self.dropped_groups.get(dropped, 0) + 1
+
+    def ledger(self) -> dict[str, Any]:
+        """{admitted, trained, dropped: {reason: n}, in_flight}: admitted = trained + dropped + in_flight."""
+        return {"admitted": self.next_group_id, "trained": self.trained_groups, "dropped": dict(self.dropped_groups),
+                "in_flight": len(self.open_groups)}
 
     def requeue(self, items: list[tuple[Prompt, int, int]]) -> None:
         self.requeued = list(items) + self.requeued
@@ -127,7 +155,7 @@ class Stepper:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    raise RuntimeError(describe_actor_error("buffer", e)) from None
+                    raise actor_failure("buffer", e) from None
         return len(entries)
 
     def try_pull(self, min_groups: int | None = None) -> Any:
@@ -135,7 +163,7 @@ class Stepper:
         try:
             return ray.get(self.p.buffer.pull.remote(gps, self.state.version, min_groups=min_groups or gps))
         except ray.exceptions.RayError as e:
-            raise RuntimeError(describe_actor_error("buffer", e)) from None
+            raise actor_failure("buffer", e) from None
 
     def tick(self, force: bool = False) -> None:
         """About once a second: live judge-pool control, autoscaling and the buffer/judge gauges."""
@@ -194,7 +222,7 @@ class Stepper:
             try:
                 stats = self.p.learner.train_step(batch, self.p.loss_fn)
             except ray.exceptions.RayError as e:
-                raise RuntimeError(describe_actor_error("learner", e)) from None
+                raise actor_failure("learner", e) from None
             t1 = time.perf_counter()
             version = self.p.learner.version
             try:
@@ -292,13 +320,15 @@ class Stepper:
         st = self.state
         return {"step": st.step, "submitted_groups": st.submitted_groups, "prompts_taken": st.prompts_taken,
                 "next_group_id": st.next_group_id, "requeued": [[p.prompt_id, g, s] for p, g, s in st.requeued],
-                "open_groups": [[g, pid, s] for g, (pid, s) in sorted(st.open_groups.items())]}
+                "open_groups": [[g, pid, s] for g, (pid, s) in sorted(st.open_groups.items())],
+                "trained_groups": st.trained_groups, "dropped_groups": dict(st.dropped_groups)}
 
     def _close_dropped(self) -> None:
         try:
-            self.state.close_groups(ray.get(self.p.buffer.take_dropped_ids.remote()))
+            for gid, reason in ray.get(self.p.buffer.take_dropped.remote()):
+                self.state.close_groups([gid], dropped=reason)
         except ray.exceptions.RayError as e:
-            raise RuntimeError(describe_actor_error("buffer", e)) from None
+            raise actor_failure("buffer", e) from None
 
     def checkpoint(self) -> None:
         if self.last_ckpt_version == self.state.version:
@@ -307,7 +337,8 @@ class Stepper:
         self.p.learner.save_checkpoint(str(self.ckpt_dir), self._extra_state())
         self.last_ckpt_version = self.state.version
 
-    def resume(self) -> None:
+    def resume(self) -> dict[str, int]:
+        """Continue from the latest checkpoint; returns the groups it dropped and generates again."""
         from learner.checkpoint import find_latest
 
         latest = find_latest(str(self.ckpt_dir))
@@ -322,7 +353,8 @@ class Stepper:
         st.next_group_id = int(extra["next_group_id"])
         # groups admitted after the checkpoint are admitted again (same ids and seeds) by the replay; copies a
         # crashed run scored before dying came from weights newer than the checkpoint: dropped and counted
-        late = ray.get(self.p.buffer.discard_admitted_from.remote(st.next_group_id))
+        late = ray.get(self.p.buffer.discard_after_checkpoint.remote(st.next_group_id, st.version))
+        ray.get(self.p.buffer.take_dropped.remote())  # not ledger drops: the replay admits these ids again
         if late:
             log.warning("dropped %d scored group(s) admitted after the checkpoint (generated by weights newer "
                         "than version %d); their prompts are generated again", late, st.version)
@@ -335,12 +367,15 @@ class Stepper:
         held = set(ray.get(self.p.buffer.ready_group_ids.remote()))
         queued = {g for _, g, _ in st.requeued}
         st.open_groups = {int(g): (str(pid), int(s)) for g, pid, s in extra.get("open_groups", [])}
+        st.trained_groups = int(extra.get("trained_groups", st.step * self.cfg.rollout.groups_per_step))
+        st.dropped_groups = {str(k): int(v) for k, v in extra.get("dropped_groups", {}).items()}
         again = [(by_id[pid], g, s) for g, (pid, s) in sorted(st.open_groups.items()) if g not in held | queued]
         st.requeued += again
         if again:
             log.info("generating again %d group(s) open at the checkpoint and no longer in the buffer", len(again))
         self.p.sync.sync(self.p.learner, self.p.engines, st.version)
         log.info("resumed from %s at step %d, policy version %d", latest, st.step, st.version)
+        return {"step": st.step, "dropped_after_checkpoint": int(late), "generated_again": len(again)}
 
     def _wait_available(self, i: int, err: BaseException | None = None) -> None:
         """Block until engine i answers (a restarting actor is "temporarily unavailable" until its
@@ -353,10 +388,10 @@ class Stepper:
                 return
             except ray.exceptions.ActorUnavailableError as e:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(describe_actor_error(name, err or e)) from None
+                    raise actor_failure(name, err or e) from None
                 time.sleep(1.0)
             except ray.exceptions.RayError as e:
-                raise RuntimeError(describe_actor_error(name, err or e)) from None
+                raise actor_failure(name, err or e) from None
 
     def _catch_up_all(self, version: int) -> None:
         for i, eng in enumerate(self.p.engines):
@@ -390,7 +425,8 @@ class Stepper:
         js = self.p.judges.stats()
         for j in js.get("judges", {}).values():
             j.pop("latency_s", None)  # the summary stays; the raw list does not belong in a report
-        extra: dict[str, Any] = {"run_id": self.p.run_id, "judges": js}
+        self._close_dropped()
+        extra: dict[str, Any] = {"run_id": self.p.run_id, "judges": js, "ledger": self.state.ledger()}
         try:
             extra["buffer"] = ray.get(self.p.buffer.stats.remote(), timeout=30)
         except Exception as e:

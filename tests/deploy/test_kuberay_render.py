@@ -128,3 +128,10 @@ def test_rayjob_runs_train_on_the_rendered_cluster_with_the_mounted_config(overl
     mount = mounts[vols[0]["name"]]
     assert mount["mountPath"] == "/etc/rvpo" and "subPath" not in mount
     assert "config.yaml" in cm["data"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_failed_rayjob_is_retried_and_the_retry_resumes_the_same_run(overlay: str, tmp_path: Path) -> None:
+    assert one(overlay, "RayJob")["spec"]["backoffLimit"] > 0
+    run = overlay_config(overlay, tmp_path).run
+    assert run.auto_resume and not run.overwrite and run.output_dir.startswith("/data/"), run

@@ -56,6 +56,9 @@ def test_async_run_advances_version_bounds_staleness_and_writes_run_dir(tmp_path
     assert 0.0 <= report["worst_reward"] <= min(report["rewards"].values()) + 1e-9
     assert report["samples_per_second"] > 0 and report["generated_tokens_per_second"] > 0
     assert report["staleness"]["max"] <= 1
+    led = report["ledger"]
+    assert led["trained"] == len(trained) == 16
+    assert led["admitted"] == led["trained"] + sum(led["dropped"].values()) + led["in_flight"], led
     assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report))
     kl = [r["learner"]["kl_ref"] for r in rows]  # the KL anchor: 0 while the policy is the initial model
     assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 0
@@ -96,6 +99,9 @@ def test_resume_continues_the_policy_version(tmp_path, tiny_model_dir, ray_local
     assert report["policy_version"] == 4
     trained = [g for r in rows for g in r["group_ids"]]
     assert len(trained) == len(set(trained)), "a group was trained twice across the resume"
+    led = report["ledger"]
+    assert led["trained"] == 16
+    assert led["admitted"] == led["trained"] + sum(led["dropped"].values()) + led["in_flight"], led
 
 
 def _kill_rollout_when_training_started(run: Path, stop: threading.Event) -> None:

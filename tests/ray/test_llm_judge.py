@@ -64,6 +64,12 @@ def test_judge_engine_grades_in_both_modes_directly_and_through_a_judge_worker(r
         pool.shutdown()
         assert sorted((g, s, j) for g, s, j, _ in entries) == [(7, s, j) for s in (0, 1) for j in range(3)]
         assert all(r.status == "ok" and 0.0 <= r.value <= 1.0 for *_, r in entries)
+
+        # a judge engine whose process dies is started again, and a grading call it held is sent again
+        ref = engine.grade.remote(questions, "yesno")
+        ray.kill(engine, no_restart=False)
+        assert ray.get(ref, timeout=300) == pytest.approx(yes, abs=1e-6)
+        assert ray.get(engine.grade.remote(questions[:1], "yesno"), timeout=120) == pytest.approx(yes[:1], abs=1e-6)
     finally:
         ray.kill(engine)
 

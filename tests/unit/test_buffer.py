@@ -282,24 +282,27 @@ def test_state_dict_round_trips_through_json() -> None:
 
 def test_groups_admitted_after_a_checkpoint_are_dropped_counted_and_their_ids_reusable(tmp_path) -> None:
     d = str(tmp_path / "buf")
-    buf = ready_buffer([1, 2, 5, 6], persist_dir=d, versions={5: 3, 6: 3})
+    # checkpoint at version 2 with next_group_id 5; group 3 was regenerated after it by version-3 weights
+    buf = ready_buffer([1, 2, 3, 5, 6], persist_dir=d, versions={1: 1, 2: 2, 3: 3, 5: 3, 6: 3})
     restored = GroupBuffer.restore(d, JUDGES, 2, 8, 2)
-    assert restored.discard_admitted_from(5) == 2
+    assert restored.discard_after_checkpoint(5, 2) == 3
     assert restored.ready_group_ids() == [1, 2]
-    assert restored.stats()["dropped"]["after_checkpoint"] == 2
-    assert sorted(restored.take_dropped_ids()) == [5, 6] and restored.take_dropped_ids() == []
+    assert restored.stats()["dropped"]["after_checkpoint"] == 3
+    assert sorted(restored.take_dropped()) == [(3, "after_checkpoint"), (5, "after_checkpoint"),
+                                               (6, "after_checkpoint")]
+    assert restored.take_dropped() == []
     # the replay admits the same ids again
     restored.add_group(make_group(5))
     fill(restored, 5)
     assert pulled_ids(restored.pull(8, 0)) == [1, 2, 5]
     # and a later restore does not bring the dropped copies back
     again = GroupBuffer.restore(d, JUDGES, 2, 8, 2)
-    assert again.ready_group_ids() == [] and buf.stats()["groups"]["ready"] == 4
+    assert again.ready_group_ids() == [] and buf.stats()["groups"]["ready"] == 5
 
 
 def test_stale_drops_are_reported_once_by_id() -> None:
     buf = ready_buffer([1, 2], versions={1: 0, 2: 3})
     assert buf.evict_stale(3) == 1
-    assert buf.take_dropped_ids() == [1]
-    assert buf.take_dropped_ids() == []
-    assert pulled_ids(buf.pull(2, 3)) == [2] and buf.take_dropped_ids() == []
+    assert buf.take_dropped() == [(1, "stale")]
+    assert buf.take_dropped() == []
+    assert pulled_ids(buf.pull(2, 3)) == [2] and buf.take_dropped() == []

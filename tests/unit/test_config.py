@@ -256,11 +256,13 @@ def test_judge_engine_placement_falls_back_to_the_judge_workers_and_follows_judg
 
     base = ["judges.num_cpus=0.5", "judges.resources={rvpo_judge: 1}"]
     worker = actor_options("judge", load_config(None, base))
-    assert actor_options("judge_engine", load_config(None, base)) == {**worker, "num_gpus": 0.0}
+    assert actor_options("judge_engine", load_config(None, base)) == {**worker, "num_gpus": 0.0, "max_restarts": 1,
+                                                                       "max_task_retries": 1}
     own = load_config(None, base + ["judges.engine.num_cpus=4", "judges.engine.num_gpus=1",
                                     "judges.engine.resources={rvpo_judge_gpu: 1}"])
     assert actor_options("judge_engine", own) == {"num_cpus": 4.0, "num_gpus": 1.0,
-                                                  "resources": {"rvpo_judge_gpu": 1.0}, "max_restarts": 0}
+                                                  "resources": {"rvpo_judge_gpu": 1.0}, "max_restarts": 1,
+                                                  "max_task_retries": 1}
     assert actor_options("judge", own) == worker  # the judge workers keep their own options
 
 
