@@ -28,7 +28,8 @@ from rvpo_async.evaluate import Evaluator
 from rvpo_async.pipeline import Pipeline, build_pipeline, init_ray
 from rvpo_async.report import StepLog, summarise, write_reports
 from rvpo_async.staleness import admission_capacity
-from rvpo_async.steps import ActorDied, RunState, Stepper, actor_failure
+from rvpo_async.run_state import RunState
+from rvpo_async.steps import ActorDied, Stepper, actor_failure
 from rvpo_async.tracking import start_trackers
 
 log = logging.getLogger("rvpo_async")

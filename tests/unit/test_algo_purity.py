@@ -84,7 +84,7 @@ def imported_modules(source: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", ["rvpo_async.algo", "rvpo_async.staleness", "rvpo_async.schedule",
-                                    "rvpo_async.algo_weights"])
+                                    "rvpo_async.algo_weights", "rvpo_async.run_state", "rvpo_async.study_stats"])
 def test_import_loads_no_heavy_framework(module):
     assert _loaded_after_import(module, HEAVY) == []
 

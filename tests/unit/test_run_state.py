@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rvpo_async.config import Config
-from rvpo_async.steps import RunState
+from rvpo_async.run_state import RunState
 from rvpo_async.types import Prompt
 
 PROMPTS = [Prompt(f"p{i}", f"prompt {i}", (1, 2, 3), {}) for i in range(5)]
