@@ -230,8 +230,9 @@ def bench_trl(argv: Sequence[str]) -> int:
             t0 = time.perf_counter()
             ends, samples = run_system(s, a, overrides, work, rep)
             rates[s].append(window_rate(ends, samples, window))
-            print(f"  repeat {rep + 1} {s:5s}: {rates[s][-1]:8.1f} samples/s  (run {time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            # the load average shows when other work on the machine distorted a run
+            print(f"  repeat {rep + 1} {s:5s}: {rates[s][-1]:8.1f} samples/s  (run {time.perf_counter() - t0:.0f} s, "
+                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
     print(f"samples/s, steps {window[0] + 1}-{window[1]} (median [min .. max] over {a.repeats} repeats):")
     for s in systems:
         print(f"  {s:5s} {_fmt(rates[s])}")
