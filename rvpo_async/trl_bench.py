@@ -188,7 +188,7 @@ how the setups differ (where they cannot be identical):
 
 
 def _fmt(values: Sequence[float]) -> str:
-    return f"{statistics.median(values):8.1f}  [{min(values):.1f} .. {max(values):.1f}]"
+    return f"{statistics.median(values):8.2f}  [{min(values):.2f} .. {max(values):.2f}]"
 
 
 def bench_trl(argv: Sequence[str]) -> int:
@@ -233,7 +233,7 @@ def bench_trl(argv: Sequence[str]) -> int:
             ends, samples = run_system(s, a, overrides, work, rep)
             rates[s].append(window_rate(ends, samples, window))
             # the load average shows when other work on the machine distorted a run
-            print(f"  repeat {rep + 1} {s:5s}: {rates[s][-1]:8.1f} samples/s  (run {time.perf_counter() - t0:.0f} s, "
+            print(f"  repeat {rep + 1} {s:5s}: {rates[s][-1]:8.2f} samples/s  (run {time.perf_counter() - t0:.0f} s, "
                   f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
     print(f"samples/s, steps {window[0] + 1}-{window[1]} (median [min .. max] over {a.repeats} repeats):")
     for s in systems:
