@@ -26,7 +26,8 @@ RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 @ray.remote
 class LearnerActor:
-    """One learner rank. Thread counts are pinned to 1: oversubscribed ranks run ~10x slower on CPU."""
+    """One learner rank. One thread unless learner.num_threads says more: oversubscribed ranks run ~10x
+    slower on CPU."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         os.environ.update(RANK_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -45,6 +46,7 @@ class LearnerActor:
               total_steps: int, seed: int) -> int:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.model_path = model_path
+        torch.set_num_threads(cfg.num_threads)
         self.learner = DeepSpeedLearner(model_path, cfg, total_steps=total_steps, seed=seed)
         return self.learner.version
 

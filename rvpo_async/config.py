@@ -307,6 +307,9 @@ class LearnerConfig:
     # sequences per forward/backward pass; one optimizer step accumulates the gradients of every
     # micro-batch of the step's batch (gradient accumulation follows from the batch size)
     micro_batch_size: int = 64
+    # torch threads per rank; more than one pays only where a rank has cores to itself (sync mode, a
+    # compute-bound model): oversubscribed threads make a CPU step many times slower
+    num_threads: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -321,6 +324,8 @@ class LearnerConfig:
             yield "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
         if self.num_ranks < 1:
             yield "num_ranks", f"must be >= 1, got {self.num_ranks}"
+        if self.num_threads < 1:
+            yield "num_threads", f"must be >= 1, got {self.num_threads}"
         if not self.lr > 0:
             yield "lr", f"must be > 0, got {self.lr}"
         if self.micro_batch_size < 1:

@@ -41,7 +41,9 @@ class Rung:
 LADDER: dict[str, Rung] = {
     "tiny": Rung(".cache/tiny-qwen2", 30, (6, 30)),
     "25m": Rung(".cache/qwen2-25m", 14, (4, 14), ("model.build_if_missing=false",)),
-    "smollm2-135m": Rung(".cache/smollm2-135m", 8, (3, 8), ("model.build_if_missing=false",)),
+    # 30 layers of 3 KV heads: 46 KB of KV cache per token, 384 MB holds a whole step's 64 sequences
+    "smollm2-135m": Rung(".cache/smollm2-135m", 8, (3, 8),
+                         ("model.build_if_missing=false", "rollout.kv_cache_memory_bytes=402653184")),
 }
 
 
@@ -186,7 +188,7 @@ how the setups differ (where they cannot be identical):
 
 
 def _fmt(values: Sequence[float]) -> str:
-    return f"{statistics.median(values):8.1f}  [{min(values):.1f} .. {max(values):.1f}]"
+    return f"{statistics.median(values):8.2f}  [{min(values):.2f} .. {max(values):.2f}]"
 
 
 def bench_trl(argv: Sequence[str]) -> int:
@@ -230,8 +232,9 @@ def bench_trl(argv: Sequence[str]) -> int:
             t0 = time.perf_counter()
             ends, samples = run_system(s, a, overrides, work, rep)
             rates[s].append(window_rate(ends, samples, window))
-            print(f"  repeat {rep + 1} {s:5s}: {rates[s][-1]:8.1f} samples/s  (run {time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            # the load average shows when other work on the machine distorted a run
+            print(f"  repeat {rep + 1} {s:5s}: {rates[s][-1]:8.2f} samples/s  (run {time.perf_counter() - t0:.0f} s, "
+                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
     print(f"samples/s, steps {window[0] + 1}-{window[1]} (median [min .. max] over {a.repeats} repeats):")
     for s in systems:
         print(f"  {s:5s} {_fmt(rates[s])}")

@@ -42,6 +42,6 @@ def test_table_prints_rates_ratios_and_differences(monkeypatch: pytest.MonkeyPat
     assert trl_bench.bench_trl(["--repeats", "2", "--steps", "5", "--window", "1:5", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert calls == ["trl", "async", "sync", "async", "sync", "trl"]  # interleaved, order rotated
-    assert "trl       32.0" in out and "sync      64.0" in out
+    assert "trl      32.00" in out and "sync     64.00" in out
     assert "async/trl: median of medians 0.67x" in out and "async/sync: median of medians 0.33x" in out
     assert "how the setups differ" in out
