@@ -114,6 +114,12 @@ def max_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b))
 
 
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    """Differences relative to the log-prob's size (at least 1): fp32 sums in another order differ by about
+    the float's precision times the magnitude, and perturbed weights give log-probs of -40 and below."""
+    return max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.ray
 @pytest.mark.slow
@@ -197,7 +203,8 @@ def test_in_place_engine_scores_like_transformers_at_start_and_after_each_sync(
         set_perturbed_weights(learner, seed=30 + i)
         syncs[transport].sync(learner, [in_place_engine], version)
         after = ray.get(in_place_engine.score_tokens.remote(PROMPT, RESPONSE))
-        assert max_diff(after, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-4
+        # the in-place weights run torch's own CPU matmuls, not the repacked kernels: a relative bound
+        assert max_rel_diff(after, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-5
         assert max_diff(after, start) > 1e-2
     groups = ray.get(in_place_engine.generate.remote(
         [Prompt("p", "", tuple(PROMPT))], [0], [1]))
