@@ -1,8 +1,8 @@
 """`rvpo-async chaos`: a training run that survives its actors being killed, and a ledger that reconciles.
 
 While the configured run trains, a killer thread kills (ray.kill, by actor id) a learner rank, the buffer
-and a rollout engine once each, spread over `duration` seconds, and a judge worker every `judge_every`
-seconds. Each kill waits for the previous one to be recovered from (a step trained after it), and the
+and a rollout engine once each, spread over `duration` seconds (or over the run's steps, when it ends
+sooner), and a judge worker every `judge_every` seconds. Each kill waits for the previous one to be recovered from (a step trained after it), and the
 learner and buffer kills wait for the run's first checkpoint, which in-run recovery resumes from. At the end
 it prints each kill with the seconds until the next trained step and the groups generated again, then the
 group ledger. Exit status 0 only when every step was trained, every scheduled kill happened and
@@ -51,7 +51,7 @@ class Killer:
     def __init__(self, cfg: Config, kinds: Sequence[str], duration_s: float, judge_every_s: float, seed: int = 0):
         self.cfg, self.duration_s, self.judge_every_s = cfg, duration_s, judge_every_s
         once = [k for k in ("learner", "buffer", "rollout") if k in kinds]
-        self.plan = [(k, duration_s * (i + 1) / (len(once) + 1)) for i, k in enumerate(once)]
+        self.plan = [(k, (i + 1) / (len(once) + 1)) for i, k in enumerate(once)]  # (kind, share of the run)
         self.judges = "judge" in kinds
         self.kills: list[Kill] = []
         self.missed: list[str] = []
@@ -73,10 +73,13 @@ class Killer:
             return id(self.pipeline) != last.pipeline and self._steps_after(self.pipeline_since)
         return self._steps_after(last.at)
 
-    def _steps_after(self, t: float) -> bool:
+    def _rows(self) -> list[dict[str, Any]]:
         path = self._run_dir / "metrics.jsonl"
         rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-        return any(r.get("time", 0) > t for r in rows)
+        return [r for r in rows if r.get("kind") != "eval"]
+
+    def _steps_after(self, t: float) -> bool:
+        return any(r.get("time", 0) > t for r in self._rows())
 
     def _checkpointed(self) -> bool:
         return (self._run_dir / "checkpoints" / "latest").is_file()
@@ -101,7 +104,10 @@ class Killer:
         while not self.stop.is_set():
             now = time.time()
             settled = self._settled(next((k for k in reversed(self.kills) if k.kind != "judge"), None))
-            if plan and now - start >= plan[0][1] and settled and \
+            # a kill is due at its share of the duration, or of the run's steps if the run gets there first
+            due = plan and (now - start >= plan[0][1] * self.duration_s or
+                            len(self._rows()) >= plan[0][1] * self.cfg.run.steps)
+            if due and settled and \
                     (plan[0][0] == "rollout" or self._checkpointed()):
                 if self._kill(plan[0][0]):
                     plan.pop(0)
