@@ -29,7 +29,7 @@ from rvpo_async.pipeline import Pipeline, build_pipeline, init_ray
 from rvpo_async.report import StepLog, summarise, write_reports
 from rvpo_async.staleness import admission_capacity
 from rvpo_async.run_state import RunState
-from rvpo_async.steps import ActorDied, Stepper, actor_failure
+from rvpo_async.steps import ActorDied, Stepper, actor_failure, actor_name
 from rvpo_async.tracking import start_trackers
 
 log = logging.getLogger("rvpo_async")
@@ -320,6 +320,8 @@ def _run(cfg: Config, stop: threading.Event, interrupted: list[str], recoveries:
         if interrupted:
             raise Interrupted(f"stopped by {interrupted[0]} at step {state.step}; checkpoint written to {run_dir}")
         return report
+    except ray.exceptions.RayActorError as e:  # a call without its own handler: name the actor it was about
+        raise actor_failure(actor_name(p, e) or "an actor", e) from None
     finally:
         if trackers is not None:
             trackers.close()

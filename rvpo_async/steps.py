@@ -38,6 +38,19 @@ class ActorDied(RuntimeError):
         self.actor = actor
 
 
+def actor_name(p: Any, err: BaseException) -> str | None:
+    """Which actor of pipeline `p` a RayActorError is about ("learner", "buffer", an engine's name), or None."""
+    actor_id = getattr(err, "actor_id", None) or getattr(getattr(err, "cause", None), "actor_id", None)
+    if not actor_id or p is None:
+        return None
+    named = [("learner", a) for a in getattr(p.learner, "actors", [])] + [("buffer", p.buffer)]
+    named += list(zip(p.engine_names, p.engines)) + [(f"judge engine {n}", h) for n, h in p.judge_engines.items()]
+    for name, handle in named:
+        if getattr(handle, "_actor_id", None) is not None and handle._actor_id.hex() == actor_id:
+            return name
+    return None
+
+
 def actor_failure(name: str, err: BaseException) -> RuntimeError:
     """The error that stops the run when a call to actor `name` failed: ActorDied when the actor is gone."""
     message = describe_actor_error(name, err)
@@ -156,9 +169,11 @@ class Stepper:
             try:
                 sync_s = self.p.sync.sync(self.p.learner, self.p.engines, version)
             except ray.exceptions.RayError as e:
+                if actor_name(self.p, e) == "learner":  # the learner exports the weights: it is gone
+                    raise actor_failure("learner", e) from None
                 # an engine died or is restarting: wait for it and bring every engine to this version
                 log.warning("weight sync to version %d failed (%s); catching engines up", version,
-                            describe_actor_error("rollout engine", e))
+                            describe_actor_error(actor_name(self.p, e) or "rollout engine", e))
                 self._catch_up_all(version)
                 sync_s = time.perf_counter() - t1
         diag = reward_diagnostics(rewards.double(), eps=cfg.algo.eps, mask=mask)
