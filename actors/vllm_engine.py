@@ -59,3 +59,30 @@ def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
         kwargs["worker_extension_cls"] = worker_extension_cls
     kwargs.update(extra)
     return LLM(**kwargs)
+
+
+def make_async_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
+                   kv_cache_memory_bytes: int = 64 * 1024 * 1024, dtype: str = "float32",
+                   worker_extension_cls: str | None = None, gpu_memory_utilization: float = 0.9,
+                   gpu_kv_cache_memory_bytes: int | None = None, **extra: Any):
+    """Build a vllm AsyncLLM (continuous batching over concurrent `generate` streams) with the same settings
+    as `make_llm`. Its engine core always runs in a process of its own (spawned: about 9 s to start on CPU),
+    so arguments of `collective_rpc` cross a serialiser there: send bytes, ints, strings and lists."""
+    apply_vllm_env()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs: dict[str, Any] = dict(model=model_path, seed=seed, max_model_len=max_model_len, dtype=dtype,
+                                  enforce_eager=True, trust_remote_code=False)
+    if on_cpu():
+        kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=kv_cache_memory_bytes)
+        kwargs.setdefault("max_num_seqs", 256)  # no chunked prefill: see make_llm
+        kwargs.setdefault("max_num_batched_tokens", kwargs["max_num_seqs"] * max_model_len)
+    else:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if gpu_kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = gpu_kv_cache_memory_bytes
+    if worker_extension_cls:
+        kwargs["worker_extension_cls"] = worker_extension_cls
+    kwargs.update(extra)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

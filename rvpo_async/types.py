@@ -24,6 +24,10 @@ class Sample:
     logprobs: tuple[float, ...]  # behaviour log-prob of each sampled token
     finish_reason: str  # "stop" | "length" | ...
     text: str
+    # the policy versions of the weights that sampled its first and last token (they differ only when a
+    # weight update interrupted it: rollout.weight_update = interrupt); -1 where not recorded
+    first_version: int = -1
+    last_version: int = -1
 
 
 @dataclass(frozen=True)

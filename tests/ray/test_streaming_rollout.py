@@ -1,0 +1,158 @@
+"""The streaming rollout engine (actors/streaming.py) on the real vLLM AsyncLLM and the tiny model."""
+
+from __future__ import annotations
+
+import glob
+import time
+
+import pytest
+import ray
+import torch
+
+from rvpo_async.types import Prompt
+
+pytestmark = pytest.mark.slow
+
+G = 4
+
+
+def _prompts(n: int, length: int = 12) -> list[Prompt]:
+    return [Prompt(f"p{i}", f"prompt {i}", tuple(range(20 + i, 20 + i + length))) for i in range(n)]
+
+
+def _state(model_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(glob.glob(f"{model_dir}/*.safetensors")[0])
+
+
+def _perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in state.items()}
+
+
+def _token_logprobs(model_dir: str, state: dict[str, torch.Tensor], prompt: list[int], response: list[int]) -> torch.Tensor:
+    """log p(response[t] | prompt + response[:t]) under `state`, by a transformers fp32 forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].double()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None])[:, 0]
+
+
+@pytest.fixture
+def engine_factory(tiny_model_dir, ray_local):
+    from actors.streaming import StreamingRolloutActor
+
+    made = []
+
+    def make(name: str, weight_update: str, max_new_tokens: int):
+        h = StreamingRolloutActor.options(num_cpus=0.5).remote(name, tiny_model_dir, group_size=G,
+                                                               max_new_tokens=max_new_tokens, seed=0,
+                                                               weight_update=weight_update)
+        ray.get(h.ready.remote())
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        ray.kill(h)
+
+
+def _update_mid_generation(engine, prompts, blob, version: int):
+    ref = engine.generate.remote(prompts, list(range(len(prompts))), [100 + i for i in range(len(prompts))])
+    deadline = time.monotonic() + 60
+    while ray.get(engine.stats.remote())["tokens_streamed"] < 40 * len(prompts):
+        assert time.monotonic() < deadline, "the engine generated nothing"
+        time.sleep(0.02)
+    assert ray.get(engine.update_weights.remote(version, blob)) == version
+    return ray.get(ref)
+
+
+def test_same_seeds_give_the_same_groups(engine_factory):
+    eng = engine_factory("seeded", "drain", 24)
+    prompts = _prompts(4)
+    a = ray.get(eng.generate.remote(prompts, [0, 1, 2, 3], [7, 8, 9, 10]))
+    b = ray.get(eng.generate.remote(prompts, [0, 1, 2, 3], [7, 8, 9, 10]))
+    assert [g.samples for g in a] == [g.samples for g in b]
+    assert all(len(g.samples) == G for g in a)
+    assert len({s.token_ids for s in a[0].samples}) > 1  # sample j draws with seed + j, not one stream
+
+
+def test_interrupted_samples_keep_the_logprobs_of_the_weights_that_sampled_each_token(engine_factory, tiny_model_dir):
+    """A weight update lands mid-response; token by token, the behaviour log-prob is that of the weights
+    that sampled the token: version 0 up to the interruption, version 1 after it (fp32, 1e-4)."""
+    from learner.weight_sync import safetensors_array
+
+    eng = engine_factory("interrupt", "interrupt", 160)
+    v0 = _state(tiny_model_dir)
+    v1 = _perturbed(v0, 1)
+    prompts = _prompts(2)
+    groups = _update_mid_generation(eng, prompts, safetensors_array(v1), 1)
+    stats = ray.get(eng.stats.remote())
+    assert stats["interrupted_samples"] > 0 and stats["reprefilled_tokens"] > 0
+    mixed = 0
+    for g in groups:
+        assert g.policy_version == min(s.first_version for s in g.samples)  # staleness from the oldest token
+        for s in g.samples:
+            got = torch.tensor(s.logprobs, dtype=torch.float64)
+            under0 = _token_logprobs(tiny_model_dir, v0, list(g.prompt.token_ids), list(s.token_ids))
+            under1 = _token_logprobs(tiny_model_dir, v1, list(g.prompt.token_ids), list(s.token_ids))
+            match0 = (got - under0).abs() < 1e-4
+            match1 = (got - under1).abs() < 1e-4
+            # the switch point: the first token version 0 did not sample
+            cut = int((~match0).nonzero()[0]) if not bool(match0.all()) else len(s.token_ids)
+            assert bool(match0[:cut].all()) and bool(match1[cut:].all()), (s.first_version, s.last_version, cut)
+            assert (s.first_version, s.last_version) == (0 if cut > 0 else 1, 1 if cut < len(s.token_ids) else 0)
+            mixed += 0 < cut < len(s.token_ids)
+    assert mixed > 0, "no sample was interrupted mid-response"
+
+
+def test_drain_never_mixes_two_versions_in_one_response(engine_factory, tiny_model_dir):
+    from learner.weight_sync import safetensors_array
+
+    eng = engine_factory("drain", "drain", 96)
+    groups = _update_mid_generation(eng, _prompts(2), safetensors_array(_perturbed(_state(tiny_model_dir), 2)), 1)
+    assert all(s.first_version == s.last_version == 0 for g in groups for s in g.samples)
+    stats = ray.get(eng.stats.remote())
+    assert stats["interrupted_samples"] == 0 and stats["version"] == 1
+
+
+@ray.remote
+class _Sink:
+    """Stands in for the judge pool actor: records what it is sent."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+
+    def submit(self, group) -> None:
+        self.got.append(group.group_id)
+
+    def ids(self) -> list[int]:
+        return self.got
+
+
+def test_submitted_groups_go_to_the_buffer_and_the_judges_not_back_to_the_caller(engine_factory):
+    from actors.buffer import BufferActor
+
+    eng = engine_factory("stream", "drain", 16)
+    buffer = BufferActor.remote(["r"], G, 16, 2)
+    sink = _Sink.remote()
+    ray.get(eng.connect.remote(buffer, sink))
+    assert ray.get(eng.submit.remote(_prompts(3), [5, 6, 7], [1, 2, 3])) == 3
+    delivered: list[dict] = []
+    deadline = time.monotonic() + 60
+    while len(delivered) < 3:
+        assert time.monotonic() < deadline
+        got = ray.get(eng.poll.remote())
+        assert not got["failed"]
+        delivered += got["delivered"]
+        time.sleep(0.02)
+    assert sorted(d["group_id"] for d in delivered) == [5, 6, 7]
+    assert all(set(d) == {"group_id", "tokens", "samples", "policy_version"} for d in delivered)
+    assert sorted(ray.get(sink.ids.remote())) == [5, 6, 7]
+    assert ray.get(buffer.stats.remote())["groups"]["pending"] == 3
