@@ -76,8 +76,9 @@ def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> 
     path = judge_model.model_path or model_path
     max_len = judge_model.max_model_len or cfg.model.max_model_len
     kv = judge_model.kv_cache_memory_bytes or cfg.rollout.kv_cache_memory_bytes
-    # a rubric judge sends one call per (response, criterion): let them all queue in the engine, where its
-    # serving thread batches them, rather than wait for an actor thread (which would spend their deadline)
+    # a rubric judge sends one call per (response, criterion): let them all run in the engine (an async actor:
+    # max_concurrency bounds its calls in flight), which batches them, rather than wait for a free slot (which
+    # would spend their deadline)
     slots = max((len(s.slot_names) for s in cfg.judges.specs if s.kind == "rubric"), default=1)
     concurrency = min(1024, max(64, slots * cfg.judges.concurrency * cfg.judges.num_workers))
     opts = actor_options("judge_engine", cfg, max_concurrency=concurrency)

@@ -1,5 +1,12 @@
 """Judges scored by a language model: one served by vLLM in a Ray actor, or an OpenAI-compatible URL.
 
+The vLLM judge engine (`JudgeEngine`, an async Ray actor around `VLLMGrader`) serves a vLLM AsyncLLM. Each
+`grade` call sends one engine request per question at once (unique request ids, only the final output
+streamed back); the engine batches every request in flight, from every caller, step by step (continuous
+batching), so many judge workers' calls share the engine with no batching code here. A call cancelled by
+its caller (a judge past its deadline) aborts its requests in the engine. The engine core runs in a child
+process of the actor, ended by `shutdown` (or the object's finalizer), and by Ray when it kills the actor.
+
 Both ask the same rubric question about a (task, response) pair, in one of two modes:
 - 'yesno': the score is P(yes) / (P(yes) + P(no)). The vLLM engine reads it from the next-token
   log-probs of the answer tokens (every single-token spelling of yes/no the tokenizer has), which is
@@ -14,17 +21,17 @@ time and never keeps, logs or repeats it: it is scrubbed from every error messag
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import itertools
 import json
 import math
 import os
-import queue
-import http.client
 import re
-import threading
+import uuid
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,61 +89,78 @@ def answer_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 class VLLMGrader:
-    """A vLLM engine answering rubric questions. Concurrent `grade` calls (from many judge workers)
-    queue up and one engine thread runs everything queued as one batch per mode: the engine is not
-    thread-safe, and batching is where its throughput comes from."""
+    """A vLLM AsyncLLM answering rubric questions, inside an async Ray actor (`JudgeEngine`).
+
+    Every `grade` call sends one engine request per question, all at once; the engine batches whatever is
+    in flight, from every caller, step by step (continuous batching) and returns each request its own
+    output. Its engine core runs in a child process, which `shutdown` (or the object's finalizer) stops."""
 
     def __init__(self, model_path: str, *, max_model_len: int = 256, seed: int = 0,
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, grade_max_tokens: int = 4,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None):
-        from actors.vllm_engine import make_llm
+        from actors.vllm_engine import make_async_llm
 
-        self._llm = make_llm(model_path, seed=seed, max_model_len=max_model_len,
-                             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
-                             gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes)
-        self._tok = self._llm.get_tokenizer()
+        self._engine = make_async_llm(model_path, seed=seed, max_model_len=max_model_len,
+                                      kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                      gpu_memory_utilization=gpu_memory_utilization,
+                                      gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes)
+        self._tok = self._engine.get_tokenizer()
         self._yes, self._no = answer_token_ids(self._tok)
         self._max_model_len = max_model_len
         self._grade_max_tokens = grade_max_tokens
-        self._requests: queue.Queue[tuple[str, list[str], Future[list[float]]]] = queue.Queue()
-        threading.Thread(target=self._serve, name="judge-engine", daemon=True).start()
+        self._prefix = f"judge-{uuid.uuid4().hex[:8]}-"
+        self._next_id = itertools.count()
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         return True
 
-    def served_model(self) -> dict[str, Any]:
+    async def served_model(self) -> dict[str, Any]:
         """The model this engine serves, as vLLM loaded it."""
-        mc = self._llm.llm_engine.model_config
+        mc = self._engine.model_config
         return {"model": mc.model, "max_model_len": int(mc.max_model_len)}
 
-    def grade(self, prompts: list[str], mode: str) -> list[float]:
+    async def grade(self, prompts: list[str], mode: str) -> list[float]:
         """One score in [0, 1] per rubric question, or NaN where a grade reply held no number 0-10."""
         if mode not in MODES:
             raise ValueError(f"grade mode must be one of {MODES}, got {mode!r}")
         if not prompts:
             return []
-        fut: Future[list[float]] = Future()
-        self._requests.put((mode, list(prompts), fut))
-        return fut.result()
+        params, reserve = self._params(mode)
+        tasks = [asyncio.ensure_future(self._generate(self._token_ids(q, mode, reserve), params))
+                 for q in prompts]
+        try:
+            outs = await asyncio.gather(*tasks)
+        finally:  # a failed or cancelled call leaves none of its requests running in the engine
+            for t in tasks:
+                t.cancel()
+        return [self._score(mode, o) for o in outs]
 
-    def _serve(self) -> None:
-        while True:
-            batch = [self._requests.get()]
-            while not self._requests.empty():
-                batch.append(self._requests.get_nowait())
-            for mode in MODES:
-                part = [r for r in batch if r[0] == mode]
-                if not part:
-                    continue
-                try:
-                    scores = self._run(mode, [p for _, ps, _ in part for p in ps])
-                except Exception as e:  # a failed batch fails its callers, never the engine thread
-                    for _, _, fut in part:
-                        fut.set_exception(e)
-                    continue
-                for _, ps, fut in part:
-                    fut.set_result(scores[:len(ps)])
-                    scores = scores[len(ps):]
+    def shutdown(self) -> None:
+        """Stop the engine and its engine-core process (idempotent)."""
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is not None:
+            engine.shutdown()
+
+    def __del__(self) -> None:
+        self.shutdown()
+
+    def _params(self, mode: str) -> tuple[Any, int]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        if mode == "yesno":
+            return SamplingParams(max_tokens=1, temperature=1.0, logprob_token_ids=self._yes + self._no,
+                                  detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY), 1
+        return SamplingParams(max_tokens=self._grade_max_tokens, temperature=0.0,
+                              structured_outputs=StructuredOutputsParams(regex=r"(10|[0-9])"),
+                              output_kind=RequestOutputKind.FINAL_ONLY), self._grade_max_tokens
+
+    async def _generate(self, token_ids: list[int], params: Any) -> Any:
+        final = None
+        async for out in self._engine.generate({"prompt_token_ids": token_ids}, params,
+                                               request_id=f"{self._prefix}{next(self._next_id)}"):
+            final = out
+        return final
 
     def _token_ids(self, question: str, mode: str, reserve: int) -> list[int]:
         msgs = [{"role": "system", "content": _SYSTEM[mode]}, {"role": "user", "content": question}]
@@ -148,28 +172,13 @@ class VLLMGrader:
             ids = ids[:limit - tail] + ids[-tail:]
         return ids
 
-    def _run(self, mode: str, questions: list[str]) -> list[float]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        if mode == "yesno":
-            params = SamplingParams(max_tokens=1, temperature=1.0, logprob_token_ids=self._yes + self._no,
-                                    detokenize=False)
-        else:
-            params = SamplingParams(max_tokens=self._grade_max_tokens, temperature=0.0,
-                                    structured_outputs=StructuredOutputsParams(regex=r"(10|[0-9])"))
-        reserve = 1 if mode == "yesno" else self._grade_max_tokens
-        inputs = [{"prompt_token_ids": self._token_ids(q, mode, reserve)} for q in questions]
-        outs = self._llm.generate(inputs, params, use_tqdm=False)
+    def _score(self, mode: str, out: Any) -> float:
         if mode == "grade":
-            return [math.nan if (g := parse_grade(o.outputs[0].text)) is None else g for o in outs]
-        scores = []
-        for o in outs:
-            lps = o.outputs[0].logprobs[0]
-            lse_yes = _logsumexp([lps[i].logprob for i in self._yes])
-            lse_no = _logsumexp([lps[i].logprob for i in self._no])
-            scores.append(1.0 / (1.0 + math.exp(min(lse_no - lse_yes, 700.0))))
-        return scores
+            return math.nan if (g := parse_grade(out.outputs[0].text)) is None else g
+        lps = out.outputs[0].logprobs[0]
+        lse_yes = _logsumexp([lps[i].logprob for i in self._yes])
+        lse_no = _logsumexp([lps[i].logprob for i in self._no])
+        return 1.0 / (1.0 + math.exp(min(lse_no - lse_yes, 700.0)))
 
 
 def _logsumexp(xs: list[float]) -> float:

@@ -3,7 +3,7 @@
 params: {engine: <judge engine name>, mode: yesno|grade, max_items: 17, overflow: error|drop}, or, in place
 of `engine`, the HTTP judge's {base_url, model, api_key_env}. The judge fills `max_items` reward slots
 (`<name>/00` ...): criterion j of the prompt -> slot j, one judge request per (response, criterion), all sent
-at once so the engine batches them (its serving thread runs everything queued as one batch). Each criterion
+at once so the engine batches them (continuous batching: every request in flight shares its steps). Each criterion
 has its own deadline: one that misses it masks only its slot ('timeout'). Slots the prompt does not have
 are masked 'absent' (not zero). A pitfall (negative points) is asked as written, and the slot scores 1 - p:
 1 always means the criterion is met.
@@ -32,7 +32,7 @@ Asker = Callable[[list[str], str], list["Future[float]"]]
 
 
 class EngineAsker:
-    """Sends each question as its own call to a JudgeEngine actor; the engine thread batches the calls."""
+    """Sends each question as its own call to a JudgeEngine actor; the engine batches the calls in flight."""
 
     def __init__(self, engine: Any):
         self.engine = engine

@@ -42,7 +42,7 @@ def test_judge_engine_grades_in_both_modes_directly_and_through_a_judge_worker(r
         assert len(yes) == 3 and in_unit_interval(yes)
         assert len(grades) == 3 and in_unit_interval(grades)
         assert all(round(g * 10) == g * 10 for g in grades)  # a grade is an integer 0-10 over 10
-        # concurrent callers are batched by the engine thread and each gets its own answers back
+        # concurrent callers are batched by the engine and each gets its own answers back
         refs = [engine.grade.remote(questions[:i], mode) for i in (1, 2, 3) for mode in ("yesno", "grade")]
         assert [len(r) for r in ray.get(refs, timeout=120)] == [1, 1, 2, 2, 3, 3]
 
