@@ -26,13 +26,23 @@ def ray_local():
     Tests that need a cluster of their own (multi-node) call ray.shutdown() first; the next user of this
     fixture starts a fresh one.
     """
+    yield _start_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """The same local Ray instance, for module-scoped fixtures (an actor started once per module)."""
+    yield _start_ray()
+
+
+def _start_ray():
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 * 1024 * 1024,
                  log_to_driver=True, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                                                                "TOKENIZERS_PARALLELISM": "false"}})
-    yield ray
+    return ray
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
