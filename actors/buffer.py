@@ -79,6 +79,9 @@ class BufferActor:
                 self._room.notify_all()
         return n
 
+    async def known_group_ids(self, group_ids: list[int]) -> list[int]:
+        return self._buf.known_group_ids(list(group_ids))
+
     async def ready_group_ids(self) -> list[int]:
         return self._buf.ready_group_ids()
 

@@ -62,7 +62,7 @@ class StreamingRollout:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_model_len: int = 256,
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
-                 weight_load: str = "repack", weight_update: str = "drain") -> None:
+                 weight_load: str = "repack", weight_update: str = "drain", sinks: tuple[Any, Any] | None = None) -> None:
         apply_vllm_env()
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"rollout.weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
@@ -75,23 +75,29 @@ class StreamingRollout:
                                      gpu_memory_utilization=gpu_memory_utilization,
                                      gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes)
         self.tokenizer = self.engine.tokenizer
-        self._weight_load = weight_load
+        self._weight_load, self._set_up = weight_load, False
         self._ids = itertools.count()
         self._open = asyncio.Event()  # cleared while weights are updated: no request is submitted then
         self._open.set()
         self._inflight = 0  # engine requests running now
         self._idle = asyncio.Condition()
         self._updating = False
-        self._sinks: tuple[Any, Any] | None = None  # (buffer, judge pool) actor handles
+        # (buffer, judge pool) actor handles; given here, a restarted actor has them again
+        self._sinks: tuple[Any, Any] | None = sinks
         self._groups: dict[int, asyncio.Task] = {}
         self._notices: list[dict[str, Any]] = []
         self._failures: list[dict[str, Any]] = []
         self.counts = {"generated_tokens": 0, "interrupted_samples": 0, "interruptions": 0,
                        "reprefilled_tokens": 0, "groups_emitted": 0, "weight_updates": 0, "tokens_streamed": 0}
 
-    async def ready(self) -> str:
-        if self._weight_load != "repack":
+    async def _setup(self) -> None:
+        """Once, before the first request or update (a restarted actor too, whichever call comes first)."""
+        if self._weight_load != "repack" and not self._set_up:
+            self._set_up = True
             await self.engine.collective_rpc("rvpo_set_weight_load", args=(str(self._weight_load),))
+
+    async def ready(self) -> str:
+        await self._setup()
         return self.name
 
     # ------------------------------------------------------------------ sampling
@@ -104,6 +110,7 @@ class StreamingRollout:
 
     async def _add(self, part: _Partial) -> tuple[Any, int]:
         """Submit what `part` still needs as one engine request; returns its output queue and version."""
+        await self._setup()
         await self._open.wait()
         prompt = part.prompt_ids + part.token_ids
         # a resubmitted sample draws from a fresh stream: the seed moves on with each interruption
@@ -226,6 +233,7 @@ class StreamingRollout:
 
     # ------------------------------------------------------------------ weights
     async def _pause(self) -> None:
+        await self._setup()
         self._open.clear()
         self._updating = True
         if self.weight_update == "interrupt":

@@ -231,6 +231,10 @@ class GroupBuffer:
             self._ready = deque(r for r in self._ready if r.group_id not in gone)
         return len(stale)
 
+    def known_group_ids(self, group_ids: list[int]) -> list[int]:
+        """Those of `group_ids` this buffer holds or has held (pending, ready, pulled or dropped)."""
+        return [g for g in group_ids if g in self._pending or g in self._ready_ids or g in self._retired_ids]
+
     def ready_group_ids(self) -> list[int]:
         return [r.group_id for r in self._ready]
 

@@ -44,7 +44,7 @@ def _targets(p: Pipeline, kind: str) -> list[Any]:
         return [p.buffer]
     if kind == "rollout":
         return list(p.engines)
-    return list(p.judges.worker_handles().values())
+    return list(ray.get(p.judges.worker_handles.remote()).values())
 
 
 class Killer:

@@ -104,6 +104,9 @@ class RolloutConfig:
     # how an engine loads new weights: `repack` (vLLM's reload_weights; CPU kernels repacked each time) or
     # `in_place` (plain weights copied in place: a sync costs about one memory copy, matmuls are slower)
     weight_load: Literal["repack", "in_place"] = "repack"
+    # what a weight update does to responses being generated: `drain` (they finish under the old weights; no
+    # response mixes versions) or `interrupt` (they stop, the weights load, they go on under the new ones)
+    weight_update: Literal["drain", "interrupt"] = "drain"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not 0 < self.gpu_memory_utilization <= 1:

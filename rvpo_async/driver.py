@@ -1,23 +1,28 @@
-"""The driver: two loops over the actors of rvpo_async.pipeline.
+"""The driver: a rollout loop and a training loop over the actors of rvpo_async.pipeline.
 
-async mode: one event loop on the driver keeps every rollout engine busy (admission-controlled:
-  rvpo_async.staleness.admission_capacity), forwards generated groups to the buffer and the judge pool,
-  forwards judge results to the buffer, and, in a background thread, pulls ready groups, computes RVPO
-  advantages, trains one step and broadcasts the new weights. Generation overlaps training.
-sync mode: generate -> judge -> train -> broadcast, one step at a time, no overlap (the baseline).
+Data moves between actors without passing through here: a rollout engine (actors/streaming.py) puts each
+finished group into the buffer and hands it to the judge service, which writes the rewards into the buffer;
+learner ranks read their batch from the buffer through an object reference. The driver holds counts,
+versions and control only:
 
-With staleness.max_staleness = 0 the async loop admits exactly one step of groups per policy version,
-so it trains on the same data as sync mode (tests/e2e/test_train.py checks it).
+- `rollout_loop` (the main thread): admits groups to the engines under the staleness bound
+  (rvpo_async.staleness.admission_capacity, AReaL's rule: groups being judged count), hears which groups
+  were delivered (ids and token counts), recovers a dead engine, and runs the live control and gauges.
+- `training_loop` (a thread): pulls the next batch reference from the buffer, trains one step, broadcasts
+  the weights, and writes the step row.
+
+async mode runs the two loops together, so generation overlaps training. sync mode is the baseline:
+generate -> judge -> train -> broadcast, one step at a time. With staleness.max_staleness = 0 the async
+loops admit exactly one step of groups per policy version, so they train on the same data as sync mode
+(tests/e2e/test_train.py checks it).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,12 +32,15 @@ from rvpo_async.config import Config, dump_config
 from rvpo_async.evaluate import Evaluator
 from rvpo_async.pipeline import Pipeline, build_pipeline, init_ray
 from rvpo_async.report import StepLog, summarise, write_reports
-from rvpo_async.staleness import admission_capacity
+from rvpo_async.run_dir import prepare_run_dir, resolve_auto_resume
 from rvpo_async.run_state import RunState
+from rvpo_async.staleness import admission_capacity
 from rvpo_async.steps import ActorDied, Stepper, actor_failure, actor_name
 from rvpo_async.tracking import start_trackers
 
 log = logging.getLogger("rvpo_async")
+
+__all__ = ["Interrupted", "prepare_run_dir", "resolve_auto_resume", "train"]
 
 
 class Interrupted(RuntimeError):
@@ -46,191 +54,153 @@ def _progress(cfg: Config):
                 dynamic_ncols=True)
 
 
-class AsyncLoop:
-    """Admission-controlled rollout overlapping training (see module docstring)."""
+class Run:
+    """What both loops share: the actors, the step logic, the counters (under `lock`), and the groups each
+    engine holds (ids, prompts and seeds only, so a dead engine's groups can be generated again)."""
 
-    def __init__(self, p: Pipeline, stepper: Stepper, state: RunState) -> None:
-        self.p, self.stepper, self.state = p, stepper, state
-        self.gen_inflight: dict[Any, tuple[int, list]] = {}  # ref -> (engine index, prompts)
-        self.put_inflight: dict[Any, Any] = {}  # ref -> group
-        self.busy: set[int] = set()
-        self.train_future: Future | None = None
+    def __init__(self, p: Pipeline, stepper: Stepper, state: RunState, stop: threading.Event) -> None:
+        self.p, self.stepper, self.state, self.stop = p, stepper, state, stop
+        self.lock = threading.Lock()
+        self.held: list[dict[int, tuple]] = [{} for _ in p.engines]  # engine -> group id -> (prompt, id, seed)
+        self.error: BaseException | None = None
 
-    def _launch_generation(self) -> None:
+    def going(self) -> bool:
+        return self.state.step < self.p.cfg.run.steps and not self.stop.is_set() and self.error is None
+
+    # ------------------------------------------------------------ rollout side
+    def admit(self, limit: int | None = None) -> int:
+        """Start as many groups as the staleness bound admits (at most `limit`), spread over the engines."""
         cfg = self.p.cfg
-        gps = cfg.rollout.groups_per_step
-        per_call = -(-gps // len(self.p.engines))
-        for i, eng in enumerate(self.p.engines):
-            if i in self.busy:
-                continue
-            cap = admission_capacity(self.state.synced_version, self.state.submitted_groups, gps,
-                                     cfg.staleness.max_staleness)
-            n = min(cap, per_call)
+        with self.lock:
+            cap = admission_capacity(self.state.synced_version, self.state.submitted_groups,
+                                     cfg.rollout.groups_per_step, cfg.staleness.max_staleness)
+            n = cap if limit is None else min(cap, limit)
             if n <= 0:
-                return
+                return 0
             prompts, gids, seeds = self.state.take_prompts(n)
-            ref = eng.generate.remote(prompts, gids, seeds)
-            self.gen_inflight[ref] = (i, list(zip(prompts, gids, seeds)))
-            self.busy.add(i)
             self.state.submitted_groups += n
+        order = sorted(range(len(self.p.engines)), key=lambda i: len(self.held[i]))
+        per = -(-n // len(order))
+        for k, i in enumerate(order):
+            part = slice(k * per, (k + 1) * per)
+            if not gids[part]:
+                break
+            for item in zip(prompts[part], gids[part], seeds[part]):
+                self.held[i][int(item[1])] = item
+            self._call(i, self.p.engines[i].submit.remote(prompts[part], gids[part], seeds[part]))
+        return n
 
-    def _collect_generation(self) -> int:
-        if not self.gen_inflight:
-            return 0
-        done, _ = ray.wait(list(self.gen_inflight), num_returns=len(self.gen_inflight), timeout=0)
-        for ref in done:
-            i, items = self.gen_inflight.pop(ref)
-            self.busy.discard(i)
-            try:
-                groups = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                # a restarted engine catches up to the latest weights, then its prompts are retried
-                self.stepper.recover_engine(i, e)
-                self.state.requeue(items)
-                self.state.submitted_groups -= len(items)
+    def collect(self) -> int:
+        """Hear which groups the engines delivered to the buffer and the judges; returns how many."""
+        moved = 0
+        for i, eng in enumerate(self.p.engines):
+            report = self._call(i, eng.poll.remote())
+            if report is None:
                 continue
-            except ray.exceptions.RayTaskError as e:
-                raise actor_failure(self.p.engine_names[i], e) from None
-            self.stepper.on_generated(groups)
-            for g in groups:
-                self.put_inflight[self.p.buffer.put_group.remote(g)] = g
-        return len(done)
+            for d in report["delivered"]:
+                self.held[i].pop(int(d["group_id"]), None)
+            if report["failed"]:
+                self._engine_failed(i, report["failed"])
+            self.stepper.on_delivered(report["delivered"])
+            moved += len(report["delivered"])
+        return moved
 
-    def _collect_puts(self) -> int:
-        if not self.put_inflight:
-            return 0
-        done, _ = ray.wait(list(self.put_inflight), num_returns=len(self.put_inflight), timeout=0)
-        for ref in done:
-            g = self.put_inflight.pop(ref)
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as e:
-                raise actor_failure("buffer", e) from None
-            self.p.judges.submit(g)
-        return len(done)
-
-    def run(self, stop: threading.Event, bar: Any) -> None:
-        cfg = self.p.cfg
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rvpo-train")
-        pull_due, next_pull = True, 0.0
+    def _call(self, i: int, ref: Any) -> Any:
         try:
-            while self.state.step < cfg.run.steps and not stop.is_set():
-                self._launch_generation()
-                progress = self._collect_generation() + self._collect_puts()
-                scored = self.stepper.forward_judge_results(timeout_s=0.01)
-                progress += scored + self.stepper.collect_eval()
-                pull_due = pull_due or scored > 0
-                self.stepper.tick()
-                if self.train_future is not None and self.train_future.done():
-                    self.stepper.finish_step(self.train_future.result(), bar)
-                    self.train_future = None
-                    progress += 1
-                # ask the buffer only when new rewards arrived (or now and then): a pull is a round trip
-                if self.train_future is None and self.state.step < cfg.run.steps and \
-                        (pull_due or time.monotonic() >= next_pull):
-                    table = self.stepper.try_pull()
-                    pull_due, next_pull = False, time.monotonic() + 0.25
-                    if table is not None:
-                        self.train_future = pool.submit(self.stepper.train_on, table)
-                        progress += 1
-                if not progress:
-                    time.sleep(0.01)  # nothing moved: do not spin a core the actors need
-            if self.train_future is not None:
-                self.stepper.finish_step(self.train_future.result(), bar)
-        finally:
-            pool.shutdown(wait=True)
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self._recover(i, e)
+        except ray.exceptions.RayTaskError as e:
+            raise actor_failure(self.p.engine_names[i], e) from None
+        return None
+
+    def _recover(self, i: int, err: BaseException) -> None:
+        """Engine i died: wait for its restart, bring it to the latest weights, generate its groups again."""
+        self.stepper.recover_engine(i, err)
+        lost = self.held[i]
+        self.held[i] = {}
+        known = set(ray.get(self.p.buffer.known_group_ids.remote(sorted(lost))))  # delivered before it died
+        again = [item for gid, item in sorted(lost.items()) if gid not in known]
+        with self.lock:
+            self.state.requeue(again)
+            self.state.submitted_groups -= len(again)
+
+    def _engine_failed(self, i: int, failed: list[dict[str, Any]]) -> None:
+        self.stepper.check_sinks()  # a dead buffer or judge service is named as such (and recoverable)
+        first = failed[0]
+        raise RuntimeError(f"actor '{self.p.engine_names[i]}' failed: group {first['group_id']}: {first['error']}")
+
+    def tick(self) -> int:
+        with self.lock:
+            self.stepper.tick()
+            return self.stepper.collect_eval()
+
+    # ------------------------------------------------------------ training side
+    def train_one(self, bar: Any, min_groups: int | None = None) -> bool:
+        """Pull a batch (a reference: its rows go from the buffer to the learner ranks) and train a step."""
+        pulled = self.stepper.pull(min_groups=min_groups)
+        if pulled is None:
+            return False
+        result = self.stepper.train_on(pulled)
+        with self.lock:
+            self.stepper.finish_step(result, bar)
+        return True
 
 
-def run_sync(p: Pipeline, stepper: Stepper, state: RunState, stop: threading.Event, bar: Any) -> None:
+def rollout_loop(run: Run) -> None:
+    while run.going():
+        moved = run.admit() + run.collect() + run.tick()
+        if not moved:
+            time.sleep(0.01)  # nothing moved: do not spin a core the actors need
+
+
+def training_loop(run: Run, bar: Any) -> None:
+    try:
+        while run.going():
+            if not run.train_one(bar):
+                time.sleep(0.01)
+    except BaseException as e:  # the rollout loop sees it and stops; train() raises it
+        run.error = e
+
+
+def run_async(run: Run, bar: Any) -> None:
+    trainer = threading.Thread(target=training_loop, args=(run, bar), name="rvpo-train", daemon=True)
+    trainer.start()
+    try:
+        rollout_loop(run)
+    except BaseException as e:
+        run.error = run.error or e  # the training loop stops at its next check
+        raise
+    finally:
+        trainer.join()
+    if run.error is not None:
+        raise run.error
+
+
+def run_sync(run: Run, bar: Any) -> None:
     """generate -> judge -> train -> broadcast, one step at a time."""
-    cfg = p.cfg
-    gps = cfg.rollout.groups_per_step
-    while state.step < cfg.run.steps and not stop.is_set():
+    gps = run.p.cfg.rollout.groups_per_step
+    while run.going():
         t0 = time.perf_counter()
-        prompts, gids, seeds = state.take_prompts(gps)
-        state.submitted_groups += gps
-        per = -(-gps // len(p.engines))
-        refs = [(i, eng.generate.remote(prompts[i * per:(i + 1) * per], gids[i * per:(i + 1) * per],
-                                        seeds[i * per:(i + 1) * per]))
-                for i, eng in enumerate(p.engines) if prompts[i * per:(i + 1) * per]]
-        groups = []
-        for i, ref in refs:
-            try:
-                groups += ray.get(ref)
-            except ray.exceptions.RayError as e:
-                raise actor_failure(p.engine_names[i], e) from None
-        stepper.on_generated(groups)
+        run.admit(limit=gps)
+        while any(run.held) and not run.stop.is_set():
+            if not run.collect():
+                time.sleep(0.005)
         t1 = time.perf_counter()
-        ray.get([p.buffer.put_group.remote(g) for g in groups])
-        for g in groups:
-            p.judges.submit(g)
-        table = None
-        while table is None:
-            stepper.forward_judge_results(timeout_s=0.05)
-            stepper.tick()
-            table = stepper.try_pull(min_groups=gps)
-            if stop.is_set():
-                return
+        pulled = None
+        while pulled is None and not run.stop.is_set():
+            run.tick()
+            pulled = run.stepper.pull(min_groups=gps)
+            if pulled is None:
+                time.sleep(0.01)
+        if pulled is None:
+            return
         t2 = time.perf_counter()
-        result = stepper.train_on(table)
+        result = run.stepper.train_on(pulled)
         result["timing"] = {"generate_s": t1 - t0, "judge_s": t2 - t1, "train_and_sync_s": time.perf_counter() - t2}
-        stepper.finish_step(result, bar)
-        stepper.collect_eval()
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    """A fresh run refuses to mix with a previous run's files unless run.overwrite says so."""
-    run_dir = Path(cfg.run.output_dir)
-    leftovers = [n for n in ("checkpoints", "buffer", "metrics.jsonl") if (run_dir / n).exists()]
-    if leftovers and not cfg.run.resume:
-        if not cfg.run.overwrite:
-            raise FileExistsError(f"run.output_dir {run_dir} already holds a run ({', '.join(leftovers)}); "
-                                  f"continue it with --resume, or set run.overwrite=true to replace it")
-        for n in leftovers + ["final_model", "tracking", "eval.png"]:  # tracker files would mix two runs
-            target = run_dir / n
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-# keys that may differ between a run and its continuation
-_RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.overwrite", "run.auto_resume", "run.progress"}
-
-
-def resolve_auto_resume(cfg: Config) -> Config:
-    """run.auto_resume: continue the run in output_dir when it holds a checkpoint of the same config (a retried
-    driver resumes its own run), or start afresh, replacing what a run that never checkpointed left behind."""
-    if not cfg.run.auto_resume:
-        return cfg
-    from learner.checkpoint import find_latest
-    from rvpo_async.config import load_config
-
-    run_dir = Path(cfg.run.output_dir)
-    if find_latest(str(run_dir / "checkpoints")) is None:
-        log.info("run.auto_resume: no checkpoint under %s, starting a fresh run", run_dir)
-        return cfg.override("run.auto_resume=false", "run.overwrite=true")
-    now = _flat(cfg.to_dict())
-    before = _flat(load_config(run_dir / "config.yaml").to_dict()) if (run_dir / "config.yaml").is_file() else {}
-    differ = sorted(k for k in now.keys() | before.keys() if k not in _RESUMABLE_CHANGES and now.get(k) != before.get(k))
-    if differ:
-        raise ValueError(f"run.auto_resume: {run_dir} holds a checkpoint of a different config (keys that differ: "
-                         f"{', '.join(differ[:8])}); use another run.output_dir or run.overwrite=true")
-    log.info("run.auto_resume: resuming the run in %s", run_dir)
-    return cfg.override("run.auto_resume=false", "run.resume=true", "run.overwrite=false")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of the config sections (mappings that are values, like resources, stay whole)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and (not prefix or k == "engine"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+        with run.lock:
+            run.stepper.finish_step(result, bar)
+        run.tick()
 
 
 def train(cfg: Config, on_pipeline: Callable[[Pipeline], None] | None = None) -> dict[str, Any]:
@@ -299,14 +269,11 @@ def _run(cfg: Config, stop: threading.Event, interrupted: list[str], recoveries:
         stepper.steplog = steplog
         if cfg.eval.every:
             stepper.evaluator = Evaluator(cfg, p.engines, p.eval_prompts, p.judge_engines)
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         with _progress(cfg) as bar:
             bar.update(state.step)
-            if cfg.run.mode == "sync":
-                run_sync(p, stepper, state, stop, bar)
-            else:
-                AsyncLoop(p, stepper, state).run(stop, bar)
-        wall = time.perf_counter() - t_start
+            (run_sync if cfg.run.mode == "sync" else run_async)(Run(p, stepper, state, stop), bar)
+        wall, driver_cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
         stepper.collect_eval(wait=not interrupted)
         stepper.checkpoint()  # the final one
         stepper.export_final_model()
@@ -314,7 +281,10 @@ def _run(cfg: Config, stop: threading.Event, interrupted: list[str], recoveries:
         report = summarise(steplog.rows, cfg.reward_names, mode=cfg.run.mode, aggregator=cfg.algo.aggregator,
                            wall_seconds=wall, samples=state.trained_samples_this_run,
                            generated_tokens=state.generated_tokens_this_run,
-                           extra={**stepper.report_extra(), "recoveries": recoveries})
+                           extra={**stepper.report_extra(), "recoveries": recoveries,
+                                  # the driver process's CPU time over the loops (all its threads)
+                                  "driver_cpu_s": driver_cpu,
+                                  "driver_cpu_s_per_sample": driver_cpu / max(state.trained_samples_this_run, 1)})
         write_reports(run_dir, report, steplog.rows, cfg.reward_names)
         trackers.close()
         if interrupted:

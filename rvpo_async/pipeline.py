@@ -80,12 +80,12 @@ class Pipeline:
     eval_prompts: list[Prompt] = field(default_factory=list)  # held out: never trained on
 
     def shutdown(self) -> None:
-        for fn in (lambda: self.judges.shutdown(), lambda: self.learner.shutdown()):
+        for fn in (lambda: ray.get(self.judges.shutdown.remote(), timeout=30), lambda: self.learner.shutdown()):
             try:
                 fn()
             except Exception as e:  # shutting down: report, keep going
                 log.warning("shutdown: %s", e)
-        for h in list(self.engines) + list(self.judge_engines.values()) + [self.buffer, self.control]:
+        for h in list(self.engines) + list(self.judge_engines.values()) + [self.judges, self.buffer, self.control]:
             try:
                 ray.kill(h)
             except Exception:
@@ -99,8 +99,9 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     from transformers import AutoTokenizer
 
     from actors.buffer import create_buffer_actor
-    from actors.judge_pool import JudgePool, create_judge_engines
-    from actors.rollout import RolloutActor
+    from actors.judge_pool import create_judge_engines
+    from actors.judge_service import JudgeServiceActor
+    from actors.streaming import StreamingRolloutActor
     from learner.actor import LearnerGroup
     from learner.loss import make_loss_fn
     from learner.weight_sync import make_weight_sync
@@ -125,22 +126,24 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
 
     persist = cfg.buffer.persist_dir or str(run_dir / "buffer")
     buffer = create_buffer_actor(cfg, names, persist, restore=cfg.run.resume, **on_driver_node())
+    judge_engines = create_judge_engines(cfg, model_path)
+    # on the driver's node, like the buffer: it requests no resources (see on_driver_node)
+    judges = JudgeServiceActor.options(num_cpus=0, max_restarts=0, **on_driver_node()).remote(cfg, judge_engines, buffer)
     engines, engine_names = [], []
     run_id = f"rvpo-{uuid.uuid4().hex[:8]}"  # Ray actor names: unique per run, readable in `ray list actors`
     for i in range(cfg.rollout.num_engines):
         name = f"rollout-{i}"
-        h = RolloutActor.options(name=f"{run_id}-{name}", **actor_options("rollout", cfg)).remote(
+        h = StreamingRolloutActor.options(name=f"{run_id}-{name}", **actor_options("rollout", cfg)).remote(
             name, model_path, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.run.seed + i,
             max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            gpu_kv_cache_memory_bytes=cfg.rollout.gpu_kv_cache_memory_bytes, weight_load=cfg.rollout.weight_load)
+            gpu_kv_cache_memory_bytes=cfg.rollout.gpu_kv_cache_memory_bytes, weight_load=cfg.rollout.weight_load,
+            weight_update=cfg.rollout.weight_update, sinks=(buffer, judges))
         engines.append(h)
         engine_names.append(name)
-    judge_engines = create_judge_engines(cfg, model_path)
-    judges = JudgePool(cfg, judge_engines)
     learner = LearnerGroup(cfg, model_path)
-    ray.get([h.ready.remote() for h in engines])
+    ray.get([h.ready.remote() for h in engines] + [judges.ready.remote()])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return Pipeline(cfg=cfg, model_path=model_path, prompts=prompts, pad_id=int(pad_id), engines=engines,
                     engine_names=engine_names, buffer=buffer, judges=judges, judge_engines=judge_engines,

@@ -64,7 +64,6 @@ class Stepper:
         self.steplog: Any = None
         self.evaluator: Any = None  # rvpo_async.evaluate.Evaluator when eval.every > 0
         self.ckpt_dir = run_dir / "checkpoints"
-        self.pending_reward_refs: list[Any] = []
         self.timings: list[dict[str, float]] = []
         self.last_ckpt_version = -1
         self._next_tick = 0.0
@@ -73,38 +72,38 @@ class Stepper:
         self.rubric = RubricView(self.cfg, state.prompts)
 
     # ------------------------------------------------------------ data path
-    def on_generated(self, groups: list[Any]) -> None:
-        tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
+    def on_delivered(self, delivered: list[dict[str, Any]]) -> None:
+        """Groups an engine put into the buffer and handed to the judges (ids and counts only)."""
+        if not delivered:
+            return
+        tokens = sum(int(d["tokens"]) for d in delivered)
         self.state.generated_tokens_this_run += tokens
         if self.p.metrics:
-            self.p.metrics.record_generation(tokens, sum(len(g.samples) for g in groups))
+            self.p.metrics.record_generation(tokens, sum(int(d["samples"]) for d in delivered))
 
-    def forward_judge_results(self, timeout_s: float) -> int:
-        """Move finished judge entries into the buffer; returns how many."""
-        entries = self.p.judges.poll(timeout_s)
-        if entries:
-            self.pending_reward_refs.append(self.p.buffer.set_rewards.remote(entries))
-            if self.p.metrics:
-                judges = self.cfg.reward_judges  # labelled by judge spec, never by rubric slot
-                for _, _, k, res in entries:
-                    if res.status != "absent":
-                        self.p.metrics.observe_judge(judges[k], res.latency_s, res.status)
-        if len(self.pending_reward_refs) > 16 or (self.pending_reward_refs and not entries):
-            done, self.pending_reward_refs = ray.wait(self.pending_reward_refs,
-                                                      num_returns=len(self.pending_reward_refs), timeout=0)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    raise actor_failure("buffer", e) from None
-        return len(entries)
-
-    def try_pull(self, min_groups: int | None = None) -> Any:
+    def pull(self, min_groups: int | None = None) -> Any:
+        """The next batch for the learner, or None when fewer than `min_groups` groups are ready."""
         gps = self.cfg.rollout.groups_per_step
         try:
             return ray.get(self.p.buffer.pull.remote(gps, self.state.version, min_groups=min_groups or gps))
         except ray.exceptions.RayError as e:
             raise actor_failure("buffer", e) from None
+
+    def check_sinks(self) -> None:
+        """Raise, naming it, when the buffer or the judge service is gone or has stopped."""
+        try:
+            ray.get(self.p.buffer.stats.remote())
+        except ray.exceptions.RayError as e:
+            raise actor_failure("buffer", e) from None
+        js = self.judge_stats()
+        if js.get("error"):
+            raise RuntimeError(f"actor 'judge service' failed: {js['error']}")
+
+    def judge_stats(self) -> dict[str, Any]:
+        try:
+            return ray.get(self.p.judges.stats.remote())
+        except ray.exceptions.RayError as e:
+            raise actor_failure("judge service", e) from None
 
     def tick(self, force: bool = False) -> None:
         """About once a second: live judge-pool control, autoscaling and the buffer/judge gauges."""
@@ -117,14 +116,16 @@ class Stepper:
             n = ray.get(p.control.take_judge_workers.remote())
             if n is not None:
                 try:
-                    p.judges.resize(n)
+                    ray.get(p.judges.resize.remote(n))
                     log.info("judge pool resized to %d workers", n)
-                except ValueError as e:
+                except (ValueError, ray.exceptions.RayTaskError) as e:
                     log.warning("judge pool resize to %d refused: %s", n, e)
-        if cfg.judges.autoscale:
-            p.judges.autoscale()
         self._close_dropped()
+        observed = ray.get(p.judges.take_observations.remote())
         if p.metrics:
+            judges = cfg.reward_judges  # labelled by judge spec, never by rubric slot
+            for k, latency, status in observed:
+                p.metrics.observe_judge(judges[k], latency, status)
             b = ray.get(p.buffer.stats.remote())
             g = cfg.rollout.group_size
             p.metrics.set_buffer(b["groups"]["pending"], b["groups"]["ready"])
@@ -134,7 +135,10 @@ class Stepper:
             if dropped > self._seen["dropped"]:
                 p.metrics.record_dropped((dropped - self._seen["dropped"]) * g)
             self._seen = {"ready": ready, "dropped": dropped}
-            js = p.judges.stats()
+        js = self.judge_stats()
+        if js.get("error"):
+            raise RuntimeError(f"actor 'judge service' failed: {js['error']}")
+        if p.metrics:
             p.metrics.set_judge_pool(js["num_workers"], js["queue_depth"])
 
     # ------------------------------------------------------------ training
@@ -365,7 +369,7 @@ class Stepper:
         shutil.copytree(latest, dst, ignore=lambda _d, names: [n for n in names if n.startswith(state_files)])
 
     def report_extra(self) -> dict[str, Any]:
-        js = self.p.judges.stats()
+        js = self.judge_stats()
         for j in js.get("judges", {}).values():
             j.pop("latency_s", None)  # the summary stays; the raw list does not belong in a report
         self._close_dropped()

@@ -42,10 +42,10 @@ SMALL = ["rollout.group_size=4", "rollout.groups_per_step=4", "rollout.max_new_t
          "metrics.enabled=false", "run.progress=false", "learner.micro_batch_size=16", "checkpoint.every=0"]
 RAY_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 JUDGE_NODE = {"rvpo_judge": 2}
-# the node group each actor class belongs on (JudgeWorker is ray.remote(SampleScorer)); the buffer and the
-# run control stay with the driver, on the head
-ROLES = {"RolloutActor": "rollout", "LearnerActor": "learner", "SampleScorer": "judge", "BufferActor": "head",
-         "RunControl": "head"}
+# the node group each actor class belongs on (JudgeWorker is ray.remote(SampleScorer)); the buffer, the judge
+# service and the run control stay with the driver, on the head
+ROLES = {"StreamingRolloutActor": "rollout", "LearnerActor": "learner", "SampleScorer": "judge",
+         "BufferActor": "head", "JudgeService": "head", "RunControl": "head"}
 STEPS = 50
 GROW_AT_STEP = 2
 

@@ -9,7 +9,7 @@ import pytest
 
 from learner import checkpoint as ck
 from rvpo_async.config import dump_config, load_config
-from rvpo_async.driver import resolve_auto_resume
+from rvpo_async.run_dir import resolve_auto_resume
 
 
 def _run_dir_with_checkpoint(tmp_path: Path, *overrides: str) -> Path:
