@@ -72,6 +72,19 @@ class BufferActor:
                 self._room.notify_all()
         return table
 
+    @ray.method(num_returns=2)
+    async def pull_split(self, n_groups: int, current_version: int,
+                         min_groups: int = 1) -> tuple[dict[str, int], pa.Table | None]:
+        """`pull` as two objects, so the caller fetches only the small first one and hands the table's
+        ObjectRef on unread (to the learner ranks, which map the Arrow buffers themselves):
+        ({"groups": n, "rows": n * G}, table), or ({"groups": 0}, None) when nothing was pulled.
+        Declared with two returns: `meta_ref, table_ref = buffer.pull_split.remote(...)` (the same as
+        `buffer.pull_split.options(num_returns=2).remote(...)`)."""
+        table = await self.pull(n_groups, current_version, min_groups)
+        if table is None:
+            return {"groups": 0}, None
+        return {"groups": table.num_rows // self._buf.group_size, "rows": table.num_rows}, table
+
     async def discard_after_checkpoint(self, next_group_id: int, version: int) -> int:
         async with self._room:
             n = self._buf.discard_after_checkpoint(next_group_id, version)

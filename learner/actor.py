@@ -20,6 +20,7 @@ import torch
 from learner.engine import DeepSpeedLearner, LossFn, combine_stats
 from rvpo_async.config import Config, LearnerConfig
 from rvpo_async.placement import actor_options
+from rvpo_async.step_math import StepContext, build_step
 
 RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -34,8 +35,9 @@ class LearnerActor:
         # the run's Ray env says cpu (CPU is the default platform); a rank that sees a GPU trains on it
         os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
         torch.set_num_threads(1)
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self.learner: DeepSpeedLearner | None = None
+        self._step_ctx: StepContext | None = None
         self.model_path = ""
         self._weight_group: Any = None
 
@@ -57,6 +59,28 @@ class LearnerActor:
 
     def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
         return self._l().train_step(batch, loss_fn)
+
+    def set_step_context(self, ctx: StepContext) -> None:
+        self._step_ctx = ctx
+
+    def train_from_table(self, table: Any, loss_fn: LossFn,
+                         ctx: StepContext | None = None) -> tuple[dict[str, float], dict[str, Any] | None]:
+        """One optimizer step on this rank's groups of a pulled table (all ranks together, each given the
+        same table: passed as a top-level ObjectRef, Ray maps its Arrow buffers here without a copy).
+        Every rank builds the whole batch and its advantages (the same on all ranks), then trains on its
+        own shard, as LearnerGroup.train_step splits it. Returns (stats, step summary on rank 0 else None);
+        rank 0 computes the summary after the step, so that it does not hold the others at the collective."""
+        ctx = ctx if ctx is not None else self._step_ctx
+        if ctx is None:
+            raise RuntimeError(f"learner rank {self.rank}: train_from_table without a step context "
+                               "(LearnerGroup.set_step_context, or pass ctx)")
+        learner = self._l()
+        step = build_step(table, pad_id=ctx.pad_id, algo=ctx.algo, learner_version=learner.version,
+                          total_steps=ctx.total_steps, rubric=ctx.rubric)
+        group_size = int(step.batch["rewards"].shape[1])
+        shard = split_by_groups(step.batch, self.world_size, group_size)[self.rank]
+        stats = learner.train_step(shard, loss_fn)
+        return stats, (step.info() if self.rank == 0 else None)
 
     def export_blob(self) -> np.ndarray | None:
         """Rank 0: the full weights as one safetensors blob (returned once into Ray's object store, where a
@@ -129,6 +153,18 @@ def split_by_groups(batch: Mapping[str, torch.Tensor], parts: int, group_size: i
     return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def merge_rank_stats(per_rank: list[dict[str, float]], version: int) -> dict[str, float]:
+    """One step's stats over all ranks: grad_norm and lr from rank 0 (the same everywhere), tokens and
+    sequences summed, staleness_mean sequence-weighted, the rest as combine_stats merges them."""
+    shared = {k: per_rank[0][k] for k in ("grad_norm", "lr")}
+    totals = {k: sum(s[k] for s in per_rank) for k in ("tokens_trained", "sequences")}
+    stale = sum(s["staleness_mean"] * s["sequences"] for s in per_rank) / max(totals["sequences"], 1.0)
+    merged = combine_stats([(s, s["tokens_trained"]) for s in per_rank])
+    merged.update(shared, **totals, staleness_mean=stale,
+                  step_seconds=max(s["step_seconds"] for s in per_rank), version=float(version))
+    return merged
+
+
 class LearnerGroup:
     """The driver's handle on all learner ranks: every call fans out to all of them together."""
 
@@ -145,6 +181,7 @@ class LearnerGroup:
         versions = ray.get([a.setup.remote(master_addr, cfg.learner.master_port, self.model_path, cfg.learner,
                                            cfg.run.steps, cfg.run.seed) for a in self.actors])
         self._version = int(versions[0])
+        self._has_step_context = False
 
     @property
     def version(self) -> int:
@@ -159,13 +196,31 @@ class LearnerGroup:
         shards = split_by_groups(batch, len(self.actors), self.cfg.rollout.group_size)
         per_rank = ray.get([a.train_step.remote(s, loss_fn) for a, s in zip(self.actors, shards)])
         self._version += 1
-        shared = {k: per_rank[0][k] for k in ("grad_norm", "lr")}
-        totals = {k: sum(s[k] for s in per_rank) for k in ("tokens_trained", "sequences")}
-        stale = sum(s["staleness_mean"] * s["sequences"] for s in per_rank) / max(totals["sequences"], 1.0)
-        merged = combine_stats([(s, s["tokens_trained"]) for s in per_rank])
-        merged.update(shared, **totals, staleness_mean=stale,
-                      step_seconds=max(s["step_seconds"] for s in per_rank), version=float(self._version))
-        return merged
+        return merge_rank_stats(per_rank, self._version)
+
+    def set_step_context(self, ctx: StepContext) -> None:
+        """Hand every rank what train_from_table needs besides the table (pad id, algo config, run steps, the
+        rubric's per-prompt weights); once per run, so a step's call carries only the table's ref."""
+        ref = ray.put(ctx)
+        ray.get([a.set_step_context.remote(ref) for a in self.actors])
+        self._has_step_context = True
+
+    def train_from_table(self, table_ref: Any, loss_fn: LossFn,
+                         ctx: StepContext | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        """One optimizer step on a pulled table that the driver never reads: every rank gets the same
+        ObjectRef (e.g. the second return of BufferActor.pull_split), builds the batch and advantages itself
+        and trains on its groups. Returns the stats merged as train_step merges them, and the step summary
+        (rvpo_async.step_math.PreparedStep.info) from rank 0. `ctx` defaults to the one set_step_context
+        gave the ranks. A table (not a ref) is put into the object store first."""
+        if ctx is None and not self._has_step_context:
+            raise RuntimeError("train_from_table without a step context: call set_step_context first, or pass ctx")
+        ref = table_ref if isinstance(table_ref, ray.ObjectRef) else ray.put(table_ref)
+        ctx_ref = None if ctx is None else ray.put(ctx)  # pickled once, not once per rank
+        out = ray.get([a.train_from_table.remote(ref, loss_fn, ctx_ref) for a in self.actors])
+        self._version += 1
+        info = out[0][1]
+        assert info is not None, "learner rank 0 returned no step summary"
+        return merge_rank_stats([s for s, _ in out], self._version), info
 
     def export_blob(self) -> ray.ObjectRef:
         """The full weights as one safetensors blob in the object store (put once by rank 0)."""

@@ -107,6 +107,10 @@ class GroupBuffer:
     def judge_names(self) -> list[str]:
         return list(self._judge_names)
 
+    @property
+    def group_size(self) -> int:
+        return self._g
+
     def has_room(self) -> bool:
         return len(self._pending) + len(self._ready) < self.capacity_groups
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -12,13 +11,11 @@ from typing import Any
 
 import ray
 
-from rvpo_async.algo import advantages, reward_diagnostics
 from rvpo_async.config import Config
 from rvpo_async.rubric_view import RUBRIC_ROW_KEYS, RubricView
 from rvpo_async.rubric_view import nan_or as _nan
-from rvpo_async.schedule import k_risk_at
 from rvpo_async.run_state import RunState
-from rvpo_async.types import STATUS_CODES
+from rvpo_async.step_math import StepContext, prepare_step
 
 log = logging.getLogger("rvpo_async")
 
@@ -142,26 +139,18 @@ class Stepper:
             p.metrics.set_judge_pool(js["num_workers"], js["queue_depth"])
 
     # ------------------------------------------------------------ training
+    def step_context(self) -> StepContext:
+        """What the learner ranks need to build a step from a table themselves (LearnerGroup.set_step_context)."""
+        return StepContext(pad_id=int(self.p.pad_id), algo=self.cfg.algo, total_steps=self.cfg.run.steps,
+                           rubric=self.rubric)
+
     def train_on(self, table: Any) -> dict[str, Any]:
         """Advantages, one learner step and the weight broadcast. Runs off the main thread."""
-        from rvpo_async.buffer import to_torch
-
         cfg = self.cfg
-        table = table.sort_by([("group_id", "ascending"), ("sample_idx", "ascending")])
-        batch = to_torch(table, self.p.pad_id)
-        rewards, mask = batch["rewards"], batch["reward_mask"]
-        if cfg.algo.nan_policy == "error":
-            status = batch.get("reward_status")
-            if status is not None and bool((status == STATUS_CODES["invalid"]).any()):
-                raise ValueError("a judge returned a non-finite or out-of-range reward and algo.nan_policy is "
-                                 "'error'; see the judge failure counts in the run log")
         # the learner's version counts the optimizer steps taken, resumed runs included
-        k_risk = k_risk_at(int(self.p.learner.version), cfg.algo, cfg.run.steps)
-        prompt_ids = table.column("prompt_id").to_pylist()[::rewards.shape[1]]  # one per group
-        adv = advantages(rewards.double(), cfg.algo.aggregator, k_risk=k_risk,
-                         weights=self.rubric.weights(prompt_ids), beta=cfg.algo.beta,
-                         batch_norm=cfg.algo.batch_norm, eps=cfg.algo.eps, mask=mask)
-        batch["advantages"] = adv.reshape(-1).float()
+        batch, info = prepare_step(table, pad_id=self.p.pad_id, algo=cfg.algo,
+                                   learner_version=int(self.p.learner.version), total_steps=cfg.run.steps,
+                                   rubric=self.rubric)
         with self.weights_lock:
             t0 = time.perf_counter()
             try:
@@ -180,17 +169,7 @@ class Stepper:
                             describe_actor_error(actor_name(self.p, e) or "rollout engine", e))
                 self._catch_up_all(version)
                 sync_s = time.perf_counter() - t1
-        diag = reward_diagnostics(rewards.double(), eps=cfg.algo.eps, mask=mask)
-        digest = hashlib.sha256()
-        for col in ("group_id", "sample_idx", "response_tokens", "behaviour_logprobs", "rewards"):
-            digest.update(repr(table.column(col).to_pylist()).encode())
-        versions = batch["policy_version"].reshape(rewards.shape[0], -1)[:, 0]
-        return {"stats": stats, "diag": diag, "version": version, "sync_s": sync_s, "k_risk": k_risk,
-                "rubric": self.rubric.batch_detail(prompt_ids, rewards.numpy(), batch["reward_status"].numpy()),
-                "train_s": t1 - t0, "staleness_values": [int(version - 1 - v) for v in versions.tolist()],
-                "group_ids": sorted(set(table.column("group_id").to_pylist())),
-                "samples": int(rewards.shape[0] * rewards.shape[1]),
-                "tokens": int(batch["response_mask"].sum()), "batch_digest": digest.hexdigest()[:16]}
+        return {"stats": stats, **info, "version": version, "sync_s": sync_s, "train_s": t1 - t0}
 
     def finish_step(self, r: dict[str, Any], bar: Any) -> None:
         st = self.state

@@ -127,3 +127,21 @@ def test_concurrent_producers_and_judges_deliver_every_group_once_intact(ray_loc
     s = ray.get(actor.stats.remote())
     assert s["duplicate_writes"] == n_groups
     assert s["groups"] == {"pending": 0, "ready": 0, "pulled": n_groups, "dropped": 0}
+
+
+def test_pull_split_returns_a_small_meta_object_and_the_table_as_a_second_ref(ray_local) -> None:
+    ray = ray_local
+    actor = create_buffer_actor(small_config(capacity=4), JUDGES, persist_dir=None)
+    meta_ref, table_ref = actor.pull_split.remote(2, 0, min_groups=1)  # declared with two returns
+    assert ray.get(meta_ref) == {"groups": 0} and ray.get(table_ref) is None
+    for gid in (1, 2, 3):
+        ray.get(actor.put_group.remote(make_group(gid)))
+        ray.get(actor.set_rewards.remote(entries(gid)))
+    meta_ref, table_ref = actor.pull_split.options(num_returns=2).remote(2, 0, min_groups=2)
+    assert ray.get(meta_ref) == {"groups": 2, "rows": 4}
+    table = ray.get(table_ref)
+    assert isinstance(table, pa.Table) and table.column("group_id").to_pylist() == [1, 1, 2, 2]
+    meta_ref, table_ref = actor.pull_split.remote(2, 0, min_groups=2)  # one group left: fewer than min_groups
+    assert ray.get(meta_ref) == {"groups": 0} and ray.get(table_ref) is None
+    assert ray.get(actor.stats.remote())["groups"]["ready"] == 1
+    ray.kill(actor)
