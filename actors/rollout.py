@@ -3,7 +3,8 @@
 `RolloutEngine` is a plain class (testable without Ray); `RolloutActor` is its Ray actor. The actor
 runs one call at a time, so a weight update always lands between generate calls and no response ever
 mixes two policy versions. Inside one generate call all prompts are in flight together (continuous
-batching).
+batching), and a call returns when its longest response ends. A prompt may cap its own responses with
+meta["max_new_tokens"] (at most the engine's max_new_tokens).
 
 Weight updates arrive through `actors.weight_receiver` (a vLLM worker extension): a safetensors blob
 through Ray's object store, or flat buffers broadcast over a collective group. After each update the
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 
 import ray
 
-from actors.vllm_engine import apply_vllm_env, make_llm
+from actors.vllm_engine import apply_vllm_env, check_request, make_llm
 from rvpo_async.types import Prompt, RolloutGroup, Sample
 
 WORKER_EXTENSION = "actors.weight_receiver.WeightReceiverExtension"
@@ -28,9 +29,10 @@ class RolloutEngine:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_model_len: int = 256,
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
-                 weight_load: str = "repack") -> None:
+                 weight_load: str = "repack", ignore_eos: bool = False) -> None:
         apply_vllm_env()
         self.name = name
+        self.ignore_eos = ignore_eos  # benchmarks: responses run to their budget
         self.group_size = group_size
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -53,21 +55,19 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         return SamplingParams(n=n, max_tokens=max_tokens or self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, logprobs=0, seed=seed, detokenize=False)
+                              top_p=self.top_p, logprobs=0, seed=seed, detokenize=False,
+                              ignore_eos=self.ignore_eos)
 
     def generate(self, prompts: Sequence[Prompt], group_ids: Sequence[int],
                  seeds: Sequence[int] | None = None) -> list[RolloutGroup]:
         """G samples for each prompt, as one RolloutGroup per prompt at the current policy version.
 
-        `seeds`, one per prompt, make sampling reproducible (vLLM gives sample j the seed seed + j).
+        `seeds`, one per prompt, make sampling reproducible (vLLM gives sample j the seed seed + j). A prompt
+        with meta["max_new_tokens"] caps its own responses (`response_budget`).
         """
-        if len(prompts) != len(group_ids):
-            raise ValueError(f"{len(prompts)} prompts but {len(group_ids)} group ids")
+        seeds, budgets = check_request(prompts, group_ids, seeds, self.max_new_tokens)
         inputs = [{"prompt_token_ids": list(p.token_ids)} for p in prompts]
-        if seeds is None:
-            params: Any = self._params(self.group_size, None)
-        else:
-            params = [self._params(self.group_size, s) for s in seeds]
+        params = [self._params(self.group_size, s, b) for s, b in zip(seeds, budgets)]
         outs = self.llm.generate(inputs, params, use_tqdm=False)
         version = self.version
         now = time.time()

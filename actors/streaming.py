@@ -22,6 +22,9 @@ new weights load.
 When a submit finds the engine idle, its requests are added while the scheduler is paused and released
 together, so the engine batches them as `vllm.LLM.generate` would: with max_staleness = 0 a run samples
 the same tokens whatever the timing of the calls.
+
+A prompt may cap its own responses with meta["max_new_tokens"] (at most the engine's max_new_tokens); an
+interrupted sample resumes with what is left of its own budget.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any, Sequence
 
 import ray
 
-from actors.vllm_engine import apply_vllm_env, make_async_llm
+from actors.vllm_engine import apply_vllm_env, check_request, make_async_llm
 from rvpo_async.types import Prompt, RolloutGroup, Sample
 
 log = logging.getLogger("rvpo_async")
@@ -50,6 +53,7 @@ class _Partial:
 
     prompt_ids: list[int]
     seed: int | None
+    max_tokens: int  # the response budget: the engine's max_new_tokens or the prompt's own
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # one per token: the weights that sampled it
@@ -62,13 +66,15 @@ class StreamingRollout:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_model_len: int = 256,
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
-                 weight_load: str = "repack", weight_update: str = "drain", sinks: tuple[Any, Any] | None = None) -> None:
+                 weight_load: str = "repack", weight_update: str = "drain", ignore_eos: bool = False,
+                 sinks: tuple[Any, Any] | None = None) -> None:
         apply_vllm_env()
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"rollout.weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
         self.name, self.group_size, self.max_new_tokens = name, group_size, max_new_tokens
         self.temperature, self.top_p, self.seed, self.version = temperature, top_p, seed, version
         self.weight_update = weight_update
+        self.ignore_eos = ignore_eos  # benchmarks: responses run to their budget
         self.engine = make_async_llm(model_path, seed=seed, max_model_len=max_model_len,
                                      kv_cache_memory_bytes=kv_cache_memory_bytes,
                                      worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
@@ -106,7 +112,8 @@ class StreamingRollout:
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(n=1, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              logprobs=0, seed=seed, detokenize=False, output_kind=RequestOutputKind.DELTA)
+                              logprobs=0, seed=seed, detokenize=False, ignore_eos=self.ignore_eos,
+                              output_kind=RequestOutputKind.DELTA)
 
     async def _add(self, part: _Partial) -> tuple[Any, int]:
         """Submit what `part` still needs as one engine request; returns its output queue and version."""
@@ -115,7 +122,7 @@ class StreamingRollout:
         prompt = part.prompt_ids + part.token_ids
         # a resubmitted sample draws from a fresh stream: the seed moves on with each interruption
         seed = None if part.seed is None else part.seed + 1_000_003 * part.interruptions
-        params = self._params(seed, self.max_new_tokens - len(part.token_ids))
+        params = self._params(seed, part.max_tokens - len(part.token_ids))
         self._inflight += 1
         q = await self.engine.add_request(f"{self.name}-{next(self._ids)}", {"prompt_token_ids": prompt}, params)
         return q, self.version
@@ -139,7 +146,7 @@ class StreamingRollout:
                 async with self._idle:
                     self._inflight -= 1
                     self._idle.notify_all()
-            if reason != "abort" or len(part.token_ids) >= self.max_new_tokens:
+            if reason != "abort" or len(part.token_ids) >= part.max_tokens:
                 part.finish_reason = "length" if reason == "abort" else reason
                 return
             # aborted by a weight update: go on from here under the new weights
@@ -148,8 +155,8 @@ class StreamingRollout:
             self.counts["reprefilled_tokens"] += len(part.prompt_ids) + len(part.token_ids)
             q, version = await self._add(part)
 
-    async def _start_group(self, prompt: Prompt, seed: int | None) -> list[tuple[_Partial, Any, int]]:
-        parts = [_Partial(list(prompt.token_ids), None if seed is None else int(seed) + j)
+    async def _start_group(self, prompt: Prompt, seed: int | None, budget: int) -> list[tuple[_Partial, Any, int]]:
+        parts = [_Partial(list(prompt.token_ids), None if seed is None else int(seed) + j, budget)
                  for j in range(self.group_size)]
         return [(p, *(await self._add(p))) for p in parts]
 
@@ -169,30 +176,23 @@ class StreamingRollout:
         return RolloutGroup(group_id=int(gid), prompt=prompt, samples=tuple(samples), policy_version=oldest,
                             engine=self.name, created_at=time.time())
 
-    async def _start_all(self, prompts: Sequence[Prompt], seeds: Sequence[int | None]) -> list[list]:
+    async def _start_all(self, prompts: Sequence[Prompt], seeds: Sequence[int | None],
+                         budgets: Sequence[int]) -> list[list]:
         # an idle engine gets all of them in one scheduler step, as LLM.generate would (see module docstring)
         batch = self._inflight == 0 and not self._updating
         if batch:
             await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
-            return [await self._start_group(p, s) for p, s in zip(prompts, seeds)]
+            return [await self._start_group(p, s, b) for p, s, b in zip(prompts, seeds, budgets)]
         finally:
             if batch and not self._updating:
                 await self.engine.resume_generation()
 
-    @staticmethod
-    def _check(prompts: Sequence[Prompt], group_ids: Sequence[int], seeds: Sequence[int] | None) -> list:
-        if len(prompts) != len(group_ids):
-            raise ValueError(f"{len(prompts)} prompts but {len(group_ids)} group ids")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        return list(seeds) if seeds is not None else [None] * len(prompts)
-
     async def generate(self, prompts: Sequence[Prompt], group_ids: Sequence[int],
                        seeds: Sequence[int] | None = None) -> list[RolloutGroup]:
         """Call-at-a-time: G samples for each prompt, returned together (sync mode, benchmarks, tests)."""
-        seeds = self._check(prompts, group_ids, seeds)
-        started = await self._start_all(prompts, seeds)
+        seeds, budgets = check_request(prompts, group_ids, seeds, self.max_new_tokens)
+        started = await self._start_all(prompts, seeds, budgets)
         return list(await asyncio.gather(*(self._finish_group(p, g, s)
                                            for p, g, s in zip(prompts, group_ids, started))))
 
@@ -206,8 +206,8 @@ class StreamingRollout:
         """Start the groups and return at once; each goes to the sinks when its samples are done."""
         if self._sinks is None:
             raise RuntimeError(f"engine {self.name}: submit before connect(buffer, judges)")
-        seeds = self._check(prompts, group_ids, seeds)
-        started = await self._start_all(prompts, seeds)
+        seeds, budgets = check_request(prompts, group_ids, seeds, self.max_new_tokens)
+        started = await self._start_all(prompts, seeds, budgets)
         for p, g, s in zip(prompts, group_ids, started):
             self._groups[int(g)] = asyncio.create_task(self._deliver(p, int(g), s))
         return len(prompts)

@@ -6,8 +6,9 @@ GPUs: only the platform-specific defaults differ.
 
 from __future__ import annotations
 
+import operator
 import os
-from typing import Any
+from typing import Any, Sequence
 
 # Process-level vLLM settings, applied before vllm is imported in an actor process.
 VLLM_ENV: dict[str, str] = {
@@ -19,6 +20,37 @@ VLLM_ENV: dict[str, str] = {
     # embedding and tied lm_head; set VLLM_LOGGING_LEVEL in the environment to see them
     "VLLM_LOGGING_LEVEL": "ERROR",
 }
+
+
+MAX_NEW_TOKENS_META = "max_new_tokens"  # Prompt.meta key: a response budget of the prompt's own
+
+
+def response_budget(prompt: Any, max_new_tokens: int) -> int:
+    """The most new tokens a response to `prompt` may have: its meta["max_new_tokens"] when it carries one
+    (an int in 1..max_new_tokens, the engine's cap), else the engine's cap."""
+    cap = prompt.meta.get(MAX_NEW_TOKENS_META) if prompt.meta else None
+    if cap is None:
+        return int(max_new_tokens)
+    try:
+        n = None if isinstance(cap, bool) else operator.index(cap)  # ints, numpy ints; not floats or bools
+    except TypeError:
+        n = None
+    if n is None or not 1 <= n <= max_new_tokens:
+        raise ValueError(f"prompt {prompt.prompt_id!r}: meta[{MAX_NEW_TOKENS_META!r}] must be an int in "
+                         f"1..{max_new_tokens} (the engine's max_new_tokens), got {cap!r}")
+    return int(n)
+
+
+def check_request(prompts: Sequence[Any], group_ids: Sequence[int], seeds: Sequence[int] | None,
+                  max_new_tokens: int) -> tuple[list[int | None], list[int]]:
+    """A rollout request's seeds (None each when not given) and response budgets, one per prompt; ValueError,
+    naming the prompt, when a prompt's budget is out of range, before anything is generated."""
+    if len(prompts) != len(group_ids):
+        raise ValueError(f"{len(prompts)} prompts but {len(group_ids)} group ids")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    budgets = [response_budget(p, max_new_tokens) for p in prompts]
+    return (list(seeds) if seeds is not None else [None] * len(prompts)), budgets
 
 
 def apply_vllm_env() -> None:
