@@ -15,7 +15,7 @@ from rvpo_async.config import Config
 from rvpo_async.rubric_view import RUBRIC_ROW_KEYS, RubricView
 from rvpo_async.rubric_view import nan_or as _nan
 from rvpo_async.run_state import RunState
-from rvpo_async.step_math import StepContext, prepare_step
+from rvpo_async.step_math import StepContext
 
 log = logging.getLogger("rvpo_async")
 
@@ -67,6 +67,7 @@ class Stepper:
         self.weights_lock = threading.Lock()  # a training step and its broadcast vs. an engine's catch-up
         self._seen = {"ready": 0, "dropped": 0}
         self.rubric = RubricView(self.cfg, state.prompts)
+        p.learner.set_step_context(self.step_context())  # once: each step then sends only a table reference
 
     # ------------------------------------------------------------ data path
     def on_delivered(self, delivered: list[dict[str, Any]]) -> None:
@@ -79,10 +80,12 @@ class Stepper:
             self.p.metrics.record_generation(tokens, sum(int(d["samples"]) for d in delivered))
 
     def pull(self, min_groups: int | None = None) -> Any:
-        """The next batch for the learner, or None when fewer than `min_groups` groups are ready."""
+        """A reference to the next batch, or None when fewer than `min_groups` groups are ready. Only the
+        small meta object comes here: the learner ranks read the table from the object store themselves."""
         gps = self.cfg.rollout.groups_per_step
         try:
-            return ray.get(self.p.buffer.pull.remote(gps, self.state.version, min_groups=min_groups or gps))
+            meta, table = self.p.buffer.pull_split.remote(gps, self.state.version, min_groups=min_groups or gps)
+            return table if ray.get(meta)["groups"] else None
         except ray.exceptions.RayError as e:
             raise actor_failure("buffer", e) from None
 
@@ -144,17 +147,13 @@ class Stepper:
         return StepContext(pad_id=int(self.p.pad_id), algo=self.cfg.algo, total_steps=self.cfg.run.steps,
                            rubric=self.rubric)
 
-    def train_on(self, table: Any) -> dict[str, Any]:
-        """Advantages, one learner step and the weight broadcast. Runs off the main thread."""
-        cfg = self.cfg
-        # the learner's version counts the optimizer steps taken, resumed runs included
-        batch, info = prepare_step(table, pad_id=self.p.pad_id, algo=cfg.algo,
-                                   learner_version=int(self.p.learner.version), total_steps=cfg.run.steps,
-                                   rubric=self.rubric)
+    def train_on(self, table_ref: Any) -> dict[str, Any]:
+        """One learner step on a pulled batch (the ranks build it and its advantages: rvpo_async.step_math),
+        then the weight broadcast. Runs off the main thread."""
         with self.weights_lock:
             t0 = time.perf_counter()
             try:
-                stats = self.p.learner.train_step(batch, self.p.loss_fn)
+                stats, info = self.p.learner.train_from_table(table_ref, self.p.loss_fn)
             except ray.exceptions.RayError as e:
                 raise actor_failure("learner", e) from None
             t1 = time.perf_counter()

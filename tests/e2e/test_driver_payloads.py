@@ -15,14 +15,17 @@ from rvpo_async.config import load_config
 
 pytestmark = pytest.mark.slow
 
-PAYLOAD_TYPES = ("RolloutGroup", "Sample", "Table", "RecordBatch", "Tensor", "JudgeResult")
+PAYLOAD_TYPES = ("RolloutGroup", "Sample", "Table", "RecordBatch", "JudgeResult")
+SMALL = 64  # a statistic per reward (K values) is no payload; a row per sample or token is
 
 
 def _payloads(obj: Any, depth: int = 0) -> list[str]:
     """Names of payload types found in `obj`, looking into containers."""
     name = type(obj).__name__
-    if name in PAYLOAD_TYPES or (isinstance(obj, np.ndarray) and obj.size > 64):
+    if name in PAYLOAD_TYPES or (isinstance(obj, np.ndarray) and obj.size > SMALL):
         return [name]
+    if name == "Tensor":
+        return [name] if obj.numel() > SMALL else []
     if depth > 6:
         return []
     if isinstance(obj, dict):
