@@ -85,6 +85,7 @@ class StreamingRollout:
         self._ids = itertools.count()
         self._open = asyncio.Event()  # cleared while weights are updated: no request is submitted then
         self._open.set()
+        self._admission = asyncio.Lock()  # a submit's requests enter the engine together (see _start_all)
         self._inflight = 0  # engine requests running now
         self._idle = asyncio.Condition()
         self._updating = False
@@ -178,15 +179,19 @@ class StreamingRollout:
 
     async def _start_all(self, prompts: Sequence[Prompt], seeds: Sequence[int | None],
                          budgets: Sequence[int]) -> list[list]:
-        # an idle engine gets all of them in one scheduler step, as LLM.generate would (see module docstring)
-        batch = self._inflight == 0 and not self._updating
-        if batch:
-            await self.engine.pause_generation(mode="keep", clear_cache=False)
-        try:
-            return [await self._start_group(p, s, b) for p, s, b in zip(prompts, seeds, budgets)]
-        finally:
-            if batch and not self._updating:
-                await self.engine.resume_generation()
+        # an idle engine gets all of them in one scheduler step, as LLM.generate would (see module docstring).
+        # Under the admission lock: a weight update waits until the scheduler is released again (draining
+        # requests that a paused scheduler holds would never end).
+        async with self._admission:
+            await self._open.wait()
+            batch = self._inflight == 0
+            if batch:
+                await self.engine.pause_generation(mode="keep", clear_cache=False)
+            try:
+                return [await self._start_group(p, s, b) for p, s, b in zip(prompts, seeds, budgets)]
+            finally:
+                if batch:
+                    await self.engine.resume_generation()
 
     async def generate(self, prompts: Sequence[Prompt], group_ids: Sequence[int],
                        seeds: Sequence[int] | None = None) -> list[RolloutGroup]:
@@ -234,8 +239,9 @@ class StreamingRollout:
     # ------------------------------------------------------------------ weights
     async def _pause(self) -> None:
         await self._setup()
-        self._open.clear()
-        self._updating = True
+        async with self._admission:
+            self._open.clear()
+            self._updating = True
         if self.weight_update == "interrupt":
             self.counts["interruptions"] += self._inflight > 0
             await self.engine.pause_generation(mode="abort", clear_cache=False)

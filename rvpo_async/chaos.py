@@ -44,7 +44,10 @@ def _targets(p: Pipeline, kind: str) -> list[Any]:
         return [p.buffer]
     if kind == "rollout":
         return list(p.engines)
-    return list(ray.get(p.judges.worker_handles.remote()).values())
+    try:
+        return list(ray.get(p.judges.worker_handles.remote(), timeout=30).values())
+    except (ray.exceptions.RayError, TimeoutError):  # an attempt being torn down: try the next one
+        return []
 
 
 class Killer:

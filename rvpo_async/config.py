@@ -70,8 +70,16 @@ class TaskConfig:
     # like prompts_file; either way no training prompt has the text of an evaluation prompt
     eval_fraction: float = 0.0
     eval_file: Optional[str] = None
+    # a long-tailed workload (benchmarks of rollout.weight_update): with short_max_new_tokens > 0, responses to
+    # every training prompt stop there, except those to a share long_tail_share of prompts (by prompt id)
+    short_max_new_tokens: int = 0
+    long_tail_share: float = 0.0
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if self.short_max_new_tokens < 0:
+            yield "short_max_new_tokens", f"must be >= 0 (0: off), got {self.short_max_new_tokens}"
+        if not 0 <= self.long_tail_share <= 1:
+            yield "long_tail_share", f"must be in [0, 1], got {self.long_tail_share}"
         if self.name == "file" and not self.prompts_file:
             yield "prompts_file", "is required when task.name is 'file'"
         if not 0 <= self.eval_fraction < 1:

@@ -49,11 +49,24 @@ def without_texts(train: Sequence[Prompt], held_out: Sequence[Prompt]) -> list[P
     return [p for p in train if p.text not in held]
 
 
+def long_tailed(prompts: list[Prompt], short: int, share: float) -> list[Prompt]:
+    """task.short_max_new_tokens: every prompt's responses capped at `short` (Prompt.meta["max_new_tokens"]),
+    except a `share` of prompts, picked by a hash of the prompt id (the same in every run), left uncapped."""
+    if short <= 0:
+        return prompts
+    import zlib
+
+    def long(p: Prompt) -> bool:
+        return zlib.crc32(p.prompt_id.encode()) % 10_000 < share * 10_000
+
+    return [p if long(p) else dataclasses.replace(p, meta={**p.meta, "max_new_tokens": short}) for p in prompts]
+
+
 def load_split(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
     """The task's training prompts and its held-out evaluation prompts (empty without a split)."""
     from rvpo_async.task import load_prompts
 
-    prompts = load_prompts(cfg, tokenizer)
+    prompts = long_tailed(load_prompts(cfg, tokenizer), cfg.task.short_max_new_tokens, cfg.task.long_tail_share)
     if cfg.task.eval_file:
         eval_cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="file",
                                                                      prompts_file=cfg.task.eval_file))

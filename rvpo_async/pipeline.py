@@ -139,11 +139,14 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
             max_model_len=cfg.model.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             gpu_kv_cache_memory_bytes=cfg.rollout.gpu_kv_cache_memory_bytes, weight_load=cfg.rollout.weight_load,
-            weight_update=cfg.rollout.weight_update, sinks=(buffer, judges))
+            weight_update=cfg.rollout.weight_update)
         engines.append(h)
         engine_names.append(name)
     learner = LearnerGroup(cfg, model_path)
     ray.get([h.ready.remote() for h in engines] + [judges.ready.remote()])
+    # sent, not constructor arguments: handles among those make Ray keep them in the object store, which a
+    # restart needs (a restarted engine is connected again when it is caught up: Stepper._wait_available)
+    ray.get([h.connect.remote(buffer, judges) for h in engines])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return Pipeline(cfg=cfg, model_path=model_path, prompts=prompts, pad_id=int(pad_id), engines=engines,
                     engine_names=engine_names, buffer=buffer, judges=judges, judge_engines=judge_engines,

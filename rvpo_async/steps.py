@@ -310,6 +310,7 @@ class Stepper:
         while True:
             try:
                 ray.get(eng.get_version.remote(), timeout=600)
+                ray.get(eng.connect.remote(self.p.buffer, self.p.judges))  # a restarted engine has no sinks
                 return
             except ray.exceptions.ActorUnavailableError as e:
                 if time.monotonic() > deadline:
@@ -352,6 +353,10 @@ class Stepper:
             j.pop("latency_s", None)  # the summary stays; the raw list does not belong in a report
         self._close_dropped()
         extra: dict[str, Any] = {"run_id": self.p.run_id, "judges": js, "ledger": self.state.ledger()}
+        try:  # per engine: tokens, weight updates, interrupted samples and re-prefilled tokens
+            extra["engines"] = ray.get([e.stats.remote() for e in self.p.engines], timeout=30)
+        except Exception as e:
+            extra["engines"] = {"error": str(e)}
         try:
             extra["buffer"] = ray.get(self.p.buffer.stats.remote(), timeout=30)
         except Exception as e:

@@ -120,6 +120,14 @@ def test_drain_never_mixes_two_versions_in_one_response(engine_factory, tiny_mod
     assert all(s.first_version == s.last_version == 0 for g in groups for s in g.samples)
     stats = ray.get(eng.stats.remote())
     assert stats["interrupted_samples"] == 0 and stats["version"] == 1
+    # a weight update arriving while a submit is entering its requests neither deadlocks nor mixes versions
+    blob = safetensors_array(_state(tiny_model_dir))
+    for v in range(2, 6):
+        gen = eng.generate.remote(_prompts(3), [0, 1, 2], [v, v + 1, v + 2])
+        upd = eng.update_weights.remote(v, blob)
+        groups, got = ray.get([gen, upd], timeout=120)
+        assert got == v
+        assert all(s.first_version == s.last_version == g.policy_version for g in groups for s in g.samples)
 
 
 @ray.remote
