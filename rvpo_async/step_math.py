@@ -105,3 +105,28 @@ def prepare_step(table: pa.Table, *, pad_id: int, algo: AlgoConfig, learner_vers
     step = build_step(table, pad_id=pad_id, algo=algo, learner_version=learner_version, total_steps=total_steps,
                       rubric=rubric)
     return step.batch, step.info()
+
+
+def step_row(r: dict[str, Any], names: list[str], *, step: int, generated_tokens_total: int,
+             trained_samples_total: int, now: float | None = None) -> dict[str, Any]:
+    """The metrics.jsonl row of a trained step, from what the step returned (`r`: the summary of
+    PreparedStep.info() plus the learner's stats, version and timings)."""
+    import time
+
+    diag = r["diag"]
+    row = {
+        "step": step, "policy_version": int(r["version"]), "time": time.time() if now is None else now,
+        "reward_mean": {n: float(diag["mean"][k]) for k, n in enumerate(names)},
+        "reward_std": {n: float(diag["std"][k]) for k, n in enumerate(names)},
+        "bottleneck_share": {n: float(diag["bottleneck_share"][k]) for k, n in enumerate(names)},
+        "inter_variance": float(diag["inter_variance"]),
+        "worst_reward_mean": float(diag["worst_mean"]),
+        "all_met_share": float(diag["all_met_share"]),
+        "staleness_values": r["staleness_values"], "group_ids": r["group_ids"], "batch_digest": r["batch_digest"],
+        "generated_tokens_total": generated_tokens_total, "trained_samples_total": trained_samples_total,
+        "train_s": r["train_s"], "sync_s": r["sync_s"], "k_risk": r["k_risk"],
+        "learner": {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))},
+    }
+    if r.get("rubric"):  # per-slot detail lives here only, never in Prometheus labels
+        row.update(r["rubric"])
+    return row

@@ -15,7 +15,7 @@ from rvpo_async.config import Config
 from rvpo_async.rubric_view import RUBRIC_ROW_KEYS, RubricView
 from rvpo_async.rubric_view import nan_or as _nan
 from rvpo_async.run_state import RunState
-from rvpo_async.step_math import StepContext
+from rvpo_async.step_math import StepContext, step_row
 
 log = logging.getLogger("rvpo_async")
 
@@ -176,26 +176,11 @@ class Stepper:
         st.version = st.synced_version = int(r["version"])
         st.trained_samples_this_run += r["samples"]
         st.close_groups(r["group_ids"])
-        names = self.cfg.reward_names
-        diag = r["diag"]
         stal = r["staleness_values"]
         if stal and max(stal) > self.cfg.staleness.max_staleness:
             raise AssertionError(f"trained a group of staleness {max(stal)} > max_staleness")
-        row = {
-            "step": st.step, "policy_version": st.version, "time": time.time(),
-            "reward_mean": {n: float(diag["mean"][k]) for k, n in enumerate(names)},
-            "reward_std": {n: float(diag["std"][k]) for k, n in enumerate(names)},
-            "bottleneck_share": {n: float(diag["bottleneck_share"][k]) for k, n in enumerate(names)},
-            "inter_variance": float(diag["inter_variance"]),
-            "worst_reward_mean": float(diag["worst_mean"]),
-            "all_met_share": float(diag["all_met_share"]),
-            "staleness_values": stal, "group_ids": r["group_ids"], "batch_digest": r["batch_digest"],
-            "generated_tokens_total": st.generated_tokens_this_run, "trained_samples_total": st.trained_samples_this_run,
-            "train_s": r["train_s"], "sync_s": r["sync_s"], "k_risk": r["k_risk"],
-            "learner": {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))},
-        }
-        if r.get("rubric"):  # per-slot detail lives here only, never in Prometheus labels
-            row.update(r["rubric"])
+        row = step_row(r, self.cfg.reward_names, step=st.step, generated_tokens_total=st.generated_tokens_this_run,
+                       trained_samples_total=st.trained_samples_this_run)
         if "timing" in r:
             row["timing"] = r["timing"]
             self.timings.append(r["timing"])

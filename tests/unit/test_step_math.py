@@ -215,3 +215,22 @@ def test_step_math_imports_no_ray_vllm_or_deepspeed() -> None:
     from test_algo_purity import _loaded_after_import
 
     assert _loaded_after_import("rvpo_async.step_math", ("ray", "vllm", "deepspeed")) == []
+
+
+def test_step_row_names_each_reward_and_keeps_the_step_summary() -> None:
+    import torch
+
+    from rvpo_async.step_math import step_row
+
+    r = {"diag": {"mean": torch.tensor([0.5, 0.25]), "std": torch.tensor([0.1, 0.2]),
+                  "bottleneck_share": torch.tensor([0.0, 1.0]), "inter_variance": torch.tensor(0.03),
+                  "worst_mean": torch.tensor(0.2), "all_met_share": torch.tensor(0.125)},
+         "version": 7, "staleness_values": [0, 1], "group_ids": [3, 4], "batch_digest": "abc",
+         "train_s": 0.5, "sync_s": 0.25, "k_risk": 1.0, "stats": {"loss": -0.5, "note": "x"},
+         "rubric": {"rubric_met_ratio": 0.5}}
+    row = step_row(r, ["a", "b"], step=3, generated_tokens_total=100, trained_samples_total=64, now=12.0)
+    assert row["step"] == 3 and row["policy_version"] == 7 and row["time"] == 12.0
+    assert row["reward_mean"] == {"a": 0.5, "b": 0.25} and row["bottleneck_share"] == {"a": 0.0, "b": 1.0}
+    assert row["worst_reward_mean"] == pytest.approx(0.2) and row["all_met_share"] == 0.125
+    assert row["learner"] == {"loss": -0.5}  # numbers only
+    assert row["rubric_met_ratio"] == 0.5 and row["batch_digest"] == "abc"
