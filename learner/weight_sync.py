@@ -35,7 +35,9 @@ DEFAULT_BUCKET_BYTES = 1 << 30
 class WeightSync(Protocol):
     """Push the learner's weights to engines; each engine then reports `version` from get_version()."""
 
-    def sync(self, learner: "LearnerGroup", engines: Sequence[Any], version: int) -> float: ...
+    def sync(self, learner: "LearnerGroup", engines: Sequence[Any], version: int, wait: bool = True) -> float:
+        """Bring `engines` to `version`; wait=False may return before they have loaded it."""
+        ...
 
     def catch_up(self, learner: "LearnerGroup", engine: Any, version: int) -> bool:
         """Bring one engine that is behind `version` (e.g. restarted) up to date; True if it was behind."""
@@ -104,16 +106,43 @@ def safetensors_array(state: Mapping[str, torch.Tensor]) -> np.ndarray:
 
 
 class ObjectStoreSync:
-    """One safetensors blob through Ray's object store."""
+    """One safetensors blob through Ray's object store.
+
+    With wait=False the learner does not wait for the engines to load it: an engine that is draining its
+    responses (rollout.weight_update=drain) loads the blob once they are done, while the learner already
+    trains the next step. An engine admits no new request from the moment the update reaches it until it is
+    loaded, so requests submitted after the update get the new weights. The next sync first waits for the
+    previous one (one update in flight per engine), and raises its error if an engine failed it."""
 
     def __init__(self) -> None:
         self._last: tuple[int, ray.ObjectRef] | None = None
+        self._loading: tuple[int, list[ray.ObjectRef]] = (-1, [])  # the last update: version, engines' calls
 
-    def sync(self, learner: "LearnerGroup", engines: Sequence[Any], version: int) -> float:
+    def wait(self) -> None:
+        """Until the engines have loaded the last update; raises an engine's failure of it."""
+        version, refs = self._loading
+        self._loading = (version, [])
+        ray.get(refs)
+
+    def landed(self) -> int | None:
+        """The version of the last update once every engine has loaded it, None while one is loading (may be
+        called from another thread than sync's); raises an engine's failure of it."""
+        version, refs = self._loading
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if len(ready) < len(refs):
+                return None
+            ray.get(refs)
+        return version
+
+    def sync(self, learner: "LearnerGroup", engines: Sequence[Any], version: int, wait: bool = True) -> float:
         t0 = time.perf_counter()
+        self.wait()
         ref = learner.export_blob()
         self._last = (int(version), ref)  # keeps the blob alive for catch_up; the previous one is freed
-        ray.get([e.update_weights.remote(int(version), ref) for e in engines])
+        self._loading = (int(version), [e.update_weights.remote(int(version), ref) for e in engines])
+        if wait:
+            self.wait()
         return time.perf_counter() - t0
 
     def catch_up(self, learner: "LearnerGroup", engine: Any, version: int) -> bool:
@@ -168,7 +197,8 @@ class CollectiveSync:
         refs += [e.receive_weights.remote(int(version), self._meta) for e in engines]
         ray.get(refs)
 
-    def sync(self, learner: "LearnerGroup", engines: Sequence[Any], version: int) -> float:
+    def sync(self, learner: "LearnerGroup", engines: Sequence[Any], version: int, wait: bool = True) -> float:
+        """Always waits: learner rank 0 and the engines take part in the broadcast together."""
         t0 = time.perf_counter()
         self._ensure_group(learner, engines)
         self._members_version = None

@@ -72,6 +72,7 @@ class Run:
         """Start as many groups as the staleness bound admits (at most `limit`), spread over the engines."""
         cfg = self.p.cfg
         with self.lock:
+            self.stepper.advance_synced()
             cap = admission_capacity(self.state.synced_version, self.state.submitted_groups,
                                      cfg.rollout.groups_per_step, cfg.staleness.max_staleness)
             n = cap if limit is None else min(cap, limit)
@@ -136,12 +137,13 @@ class Run:
             return self.stepper.collect_eval()
 
     # ------------------------------------------------------------ training side
-    def train_one(self, bar: Any, min_groups: int | None = None) -> bool:
-        """Pull a batch (a reference: its rows go from the buffer to the learner ranks) and train a step."""
-        pulled = self.stepper.pull(min_groups=min_groups)
+    def train_one(self, bar: Any) -> bool:
+        """Pull a batch (a reference: its rows go from the buffer to the learner ranks) and train a step; the
+        engines load the new weights while the next step trains (admit() counts from them once loaded)."""
+        pulled = self.stepper.pull()
         if pulled is None:
             return False
-        result = self.stepper.train_on(pulled)
+        result = self.stepper.train_on(pulled, wait_for_engines=False)
         with self.lock:
             self.stepper.finish_step(result, bar)
         return True

@@ -147,7 +147,20 @@ class Stepper:
         return StepContext(pad_id=int(self.p.pad_id), algo=self.cfg.algo, total_steps=self.cfg.run.steps,
                            rubric=self.rubric)
 
-    def train_on(self, table_ref: Any) -> dict[str, Any]:
+    def advance_synced(self) -> None:
+        """state.synced_version (what admission control counts from) moves to the last update's version once
+        every engine has loaded it: a weight sync that did not wait (train_on) lands here."""
+        landed = getattr(self.p.sync, "landed", None)
+        if landed is None:
+            return
+        try:
+            version = landed()
+        except ray.exceptions.RayError:  # the next sync raises it on the training side and catches engines up
+            return
+        if version is not None and version > self.state.synced_version:
+            self.state.synced_version = version
+
+    def train_on(self, table_ref: Any, wait_for_engines: bool = True) -> dict[str, Any]:
         """One learner step on a pulled batch (the ranks build it and its advantages: rvpo_async.step_math),
         then the weight broadcast. Runs off the main thread."""
         with self.weights_lock:
@@ -159,7 +172,9 @@ class Stepper:
             t1 = time.perf_counter()
             version = self.p.learner.version
             try:
-                sync_s = self.p.sync.sync(self.p.learner, self.p.engines, version)
+                # wait_for_engines=False: the engines load the weights once their responses in flight allow,
+                # while the learner goes on; admission counts from the new version once it has landed
+                sync_s = self.p.sync.sync(self.p.learner, self.p.engines, version, wait=wait_for_engines)
             except ray.exceptions.RayError as e:
                 if actor_name(self.p, e) == "learner":  # the learner exports the weights: it is gone
                     raise actor_failure("learner", e) from None
@@ -168,12 +183,17 @@ class Stepper:
                             describe_actor_error(actor_name(self.p, e) or "rollout engine", e))
                 self._catch_up_all(version)
                 sync_s = time.perf_counter() - t1
-        return {"stats": stats, **info, "version": version, "sync_s": sync_s, "train_s": t1 - t0}
+        return {"stats": stats, **info, "version": version, "sync_s": sync_s, "train_s": t1 - t0,
+                "synced": wait_for_engines}
 
     def finish_step(self, r: dict[str, Any], bar: Any) -> None:
         st = self.state
         st.step += 1
-        st.version = st.synced_version = int(r["version"])
+        st.version = int(r["version"])
+        if r.get("synced", True):
+            st.synced_version = st.version
+        else:
+            self.advance_synced()
         st.trained_samples_this_run += r["samples"]
         st.close_groups(r["group_ids"])
         stal = r["staleness_values"]

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 G = 4
 
 
-def _prompts(n: int, length: int = 12) -> list[Prompt]:
-    return [Prompt(f"p{i}", f"prompt {i}", tuple(range(20 + i, 20 + i + length))) for i in range(n)]
+def _prompts(n: int, length: int = 12, cap: int | None = None) -> list[Prompt]:
+    meta = {} if cap is None else {"max_new_tokens": cap}  # a prompt's own response budget
+    return [Prompt(f"p{i}", f"prompt {i}", tuple(range(20 + i, 20 + i + length)), meta) for i in range(n)]
 
 
 def _state(model_dir: str) -> dict[str, torch.Tensor]:
@@ -44,29 +45,32 @@ def _token_logprobs(model_dir: str, state: dict[str, torch.Tensor], prompt: list
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None])[:, 0]
 
 
-@pytest.fixture
-def engine_factory(tiny_model_dir, ray_local):
+@pytest.fixture(scope="module")
+def engine_factory(tiny_model_dir, ray_module):
+    """One engine per weight-update mode for the module (each takes ~10 s to start)."""
     from actors.streaming import StreamingRolloutActor
 
-    made = []
+    made: dict[str, object] = {}
 
-    def make(name: str, weight_update: str, max_new_tokens: int):
-        h = StreamingRolloutActor.options(num_cpus=0.5).remote(name, tiny_model_dir, group_size=G,
-                                                               max_new_tokens=max_new_tokens, seed=0,
-                                                               weight_update=weight_update)
-        ray.get(h.ready.remote())
-        made.append(h)
-        return h
+    def make(weight_update: str):
+        if weight_update not in made:
+            h = StreamingRolloutActor.options(num_cpus=0.5).remote(weight_update, tiny_model_dir, group_size=G,
+                                                                   max_new_tokens=160, seed=0,
+                                                                   weight_update=weight_update)
+            ray.get(h.ready.remote())
+            made[weight_update] = h
+        return made[weight_update]
 
     yield make
-    for h in made:
+    for h in made.values():
         ray.kill(h)
 
 
 def _update_mid_generation(engine, prompts, blob, version: int):
+    before = ray.get(engine.stats.remote())["tokens_streamed"]  # the engine may have served other tests
     ref = engine.generate.remote(prompts, list(range(len(prompts))), [100 + i for i in range(len(prompts))])
     deadline = time.monotonic() + 60
-    while ray.get(engine.stats.remote())["tokens_streamed"] < 40 * len(prompts):
+    while ray.get(engine.stats.remote())["tokens_streamed"] - before < 40 * len(prompts):
         assert time.monotonic() < deadline, "the engine generated nothing"
         time.sleep(0.02)
     assert ray.get(engine.update_weights.remote(version, blob)) == version
@@ -74,12 +78,12 @@ def _update_mid_generation(engine, prompts, blob, version: int):
 
 
 def test_same_seeds_give_the_same_groups(engine_factory):
-    eng = engine_factory("seeded", "drain", 24)
-    prompts = _prompts(4)
+    eng = engine_factory("drain")
+    prompts = _prompts(4, cap=24)
     a = ray.get(eng.generate.remote(prompts, [0, 1, 2, 3], [7, 8, 9, 10]))
     b = ray.get(eng.generate.remote(prompts, [0, 1, 2, 3], [7, 8, 9, 10]))
     assert [g.samples for g in a] == [g.samples for g in b]
-    assert all(len(g.samples) == G for g in a)
+    assert all(len(g.samples) == G and all(len(s.token_ids) <= 24 for s in g.samples) for g in a)
     assert len({s.token_ids for s in a[0].samples}) > 1  # sample j draws with seed + j, not one stream
 
 
@@ -88,7 +92,7 @@ def test_interrupted_samples_keep_the_logprobs_of_the_weights_that_sampled_each_
     that sampled the token: version 0 up to the interruption, version 1 after it (fp32, 1e-4)."""
     from learner.weight_sync import safetensors_array
 
-    eng = engine_factory("interrupt", "interrupt", 160)
+    eng = engine_factory("interrupt")
     v0 = _state(tiny_model_dir)
     v1 = _perturbed(v0, 1)
     prompts = _prompts(2)
@@ -115,15 +119,15 @@ def test_interrupted_samples_keep_the_logprobs_of_the_weights_that_sampled_each_
 def test_drain_never_mixes_two_versions_in_one_response(engine_factory, tiny_model_dir):
     from learner.weight_sync import safetensors_array
 
-    eng = engine_factory("drain", "drain", 96)
-    groups = _update_mid_generation(eng, _prompts(2), safetensors_array(_perturbed(_state(tiny_model_dir), 2)), 1)
+    eng = engine_factory("drain")
+    groups = _update_mid_generation(eng, _prompts(2, cap=96), safetensors_array(_perturbed(_state(tiny_model_dir), 2)), 1)
     assert all(s.first_version == s.last_version == 0 for g in groups for s in g.samples)
     stats = ray.get(eng.stats.remote())
     assert stats["interrupted_samples"] == 0 and stats["version"] == 1
     # a weight update arriving while a submit is entering its requests neither deadlocks nor mixes versions
     blob = safetensors_array(_state(tiny_model_dir))
     for v in range(2, 6):
-        gen = eng.generate.remote(_prompts(3), [0, 1, 2], [v, v + 1, v + 2])
+        gen = eng.generate.remote(_prompts(3, cap=32), [0, 1, 2], [v, v + 1, v + 2])
         upd = eng.update_weights.remote(v, blob)
         groups, got = ray.get([gen, upd], timeout=120)
         assert got == v
@@ -147,11 +151,11 @@ class _Sink:
 def test_submitted_groups_go_to_the_buffer_and_the_judges_not_back_to_the_caller(engine_factory):
     from actors.buffer import BufferActor
 
-    eng = engine_factory("stream", "drain", 16)
+    eng = engine_factory("drain")
     buffer = BufferActor.remote(["r"], G, 16, 2)
     sink = _Sink.remote()
     ray.get(eng.connect.remote(buffer, sink))
-    assert ray.get(eng.submit.remote(_prompts(3), [5, 6, 7], [1, 2, 3])) == 3
+    assert ray.get(eng.submit.remote(_prompts(3, cap=16), [5, 6, 7], [1, 2, 3])) == 3
     delivered: list[dict] = []
     deadline = time.monotonic() + 60
     while len(delivered) < 3:
