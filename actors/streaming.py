@@ -290,23 +290,29 @@ class StreamingRollout:
 
     # ------------------------------------------------------------------ evaluation and checks
     async def sample_texts(self, prompts: Sequence[Prompt], n: int, temperature: float, max_tokens: int,
-                           seed: int = 0) -> tuple[list[list[str]], int, int]:
+                           seed: int = 0, min_version: int = 0) -> tuple[list[list[str]], int, int]:
         """Evaluation: n decoded responses per prompt (temperature 0 = greedy), the policy version that wrote
-        them and the tokens generated. Nothing here feeds training; waits for any weight update to end."""
+        them and the tokens generated. Nothing here feeds training; waits for any weight update to end, and
+        until the engine serves `min_version`."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        while self.version < min_version:  # a weight update on its way (the learner does not wait for it)
+            await asyncio.sleep(0.01)
         await self._open.wait()
         version = self.version
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
 
         async def one(p: Prompt) -> list[list[int]]:
-            final = None
-            async for out in self.engine.generate({"prompt_token_ids": list(p.token_ids)}, params,
-                                                  request_id=f"{self.name}-eval-{next(self._ids)}"):
-                final = out
-            return [list(c.token_ids) for c in sorted(final.outputs, key=lambda c: c.index)]
+            while True:  # an interrupting weight update aborts it: ask again
+                final = None
+                async for out in self.engine.generate({"prompt_token_ids": list(p.token_ids)}, params,
+                                                      request_id=f"{self.name}-eval-{next(self._ids)}"):
+                    final = out
+                if all(str(c.finish_reason) != "abort" for c in final.outputs):
+                    return [list(c.token_ids) for c in sorted(final.outputs, key=lambda c: c.index)]
+                await self._open.wait()
 
         outs = await asyncio.gather(*(one(p) for p in prompts))
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in o] for o in outs]

@@ -138,15 +138,15 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return bool(self.cfg.eval.every) and step % self.cfg.eval.every == 0
 
-    def start(self, step: int) -> None:
-        """Queue one evaluation on the engines now (behind any generate call already running)."""
+    def start(self, step: int, min_version: int = 0) -> None:
+        """Queue one evaluation on the engines now, generated once they serve `min_version` or later."""
         e, n = self.cfg.eval, len(self.engines)
         per = -(-len(self.prompts) // n)
         chunks = [self.prompts[i * per:(i + 1) * per] for i in range(n)]
         max_tokens = e.max_new_tokens or self.cfg.rollout.max_new_tokens
         t0 = time.perf_counter()
         refs = [(c, eng.sample_texts.remote(c, e.samples_per_prompt, e.temperature, max_tokens,
-                                            self.cfg.run.seed + step))
+                                            self.cfg.run.seed + step, min_version=min_version))
                 for eng, c in zip(self.engines, chunks) if c]
         self._pending.append(self._pool.submit(self._finish, step, refs, t0))
 

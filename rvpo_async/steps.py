@@ -226,7 +226,7 @@ class Stepper:
                          **({"met": f"{_nan(row['rubric_met_ratio']):.2f}"} if r.get("rubric") else {}),
                          "stale": f"{sum(stal) / max(len(stal), 1):.1f}", "k": f"{r['k_risk']:.2f}"}, refresh=False)
         if self.evaluator is not None and self.evaluator.due(st.step):
-            self.evaluator.start(st.step)
+            self.evaluator.start(st.step, min_version=st.version)
         every = self.cfg.checkpoint.every
         if every and st.step % every == 0 and st.step < self.cfg.run.steps:
             self.checkpoint()
