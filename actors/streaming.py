@@ -66,8 +66,7 @@ class StreamingRollout:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_model_len: int = 256,
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
-                 weight_load: str = "repack", weight_update: str = "drain", ignore_eos: bool = False,
-                 sinks: tuple[Any, Any] | None = None) -> None:
+                 weight_load: str = "repack", weight_update: str = "drain", ignore_eos: bool = False) -> None:
         apply_vllm_env()
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"rollout.weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
@@ -88,9 +87,7 @@ class StreamingRollout:
         self._admission = asyncio.Lock()  # a submit's requests enter the engine together (see _start_all)
         self._inflight = 0  # engine requests running now
         self._idle = asyncio.Condition()
-        self._updating = False
-        # (buffer, judge pool) actor handles; given here, a restarted actor has them again
-        self._sinks: tuple[Any, Any] | None = sinks
+        self._sinks: tuple[Any, Any] | None = None  # (buffer, judge pool) actor handles, from connect()
         self._groups: dict[int, asyncio.Task] = {}
         self._notices: list[dict[str, Any]] = []
         self._failures: list[dict[str, Any]] = []
@@ -241,7 +238,6 @@ class StreamingRollout:
         await self._setup()
         async with self._admission:
             self._open.clear()
-            self._updating = True
         if self.weight_update == "interrupt":
             self.counts["interruptions"] += self._inflight > 0
             await self.engine.pause_generation(mode="abort", clear_cache=False)
@@ -254,19 +250,22 @@ class StreamingRollout:
         self.counts["weight_updates"] += 1
         if await self.engine.is_paused():
             await self.engine.resume_generation()
-        self._updating = False
         self._open.set()
         return self.version
 
-    async def update_weights(self, version: int, blob: Any) -> int:
-        """Load a safetensors blob of the full state dict; the engine then serves `version`."""
-        payload = blob if isinstance(blob, bytes) else bytes(memoryview(blob).cast("B"))
+    async def _load(self, version: int, method: str, arg: Any) -> int:
+        """Pause (drain or interrupt), run the weight receiver's `method`, resume serving `version`."""
         await self._pause()
         try:
-            await self.engine.collective_rpc("rvpo_load_blob", args=(payload,))
+            await self.engine.collective_rpc(method, args=(arg,))
         finally:
             version = await self._resume(version)
         return version
+
+    async def update_weights(self, version: int, blob: Any) -> int:
+        """Load a safetensors blob of the full state dict; the engine then serves `version`."""
+        return await self._load(version, "rvpo_load_blob",
+                                blob if isinstance(blob, bytes) else bytes(memoryview(blob).cast("B")))
 
     async def init_weight_group(self, master_addr: str, master_port: int, world_size: int, rank: int) -> None:
         await self.engine.collective_rpc("rvpo_init_group", args=(str(master_addr), int(master_port),
@@ -274,12 +273,7 @@ class StreamingRollout:
 
     async def receive_weights(self, version: int, meta: Any) -> int:
         """Receive a broadcast from learner rank 0 over the collective group (all members call together)."""
-        await self._pause()
-        try:
-            await self.engine.collective_rpc("rvpo_receive_broadcast", args=(meta,))
-        finally:
-            version = await self._resume(version)
-        return version
+        return await self._load(version, "rvpo_receive_broadcast", meta)
 
     async def get_version(self) -> int:
         return self.version

@@ -64,16 +64,10 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
-             kv_cache_memory_bytes: int = 64 * 1024 * 1024, dtype: str = "float32",
-             worker_extension_cls: str | None = None, gpu_memory_utilization: float = 0.9,
-             gpu_kv_cache_memory_bytes: int | None = None, **extra: Any):
-    """Build a vllm.LLM for `model_path`. On CPU: eager mode, one in-process worker, a fixed KV cache
-    (left unset, each engine would claim ~11 GiB). On CUDA: the engine's share of its GPU's memory
-    (engines sharing a GPU each take their own share), and a KV cache size when one is given."""
-    apply_vllm_env()
-    from vllm import LLM
-
+def engine_kwargs(model_path: str, *, seed: int, max_model_len: int, kv_cache_memory_bytes: int, dtype: str,
+                  worker_extension_cls: str | None, gpu_memory_utilization: float,
+                  gpu_kv_cache_memory_bytes: int | None, **extra: Any) -> dict[str, Any]:
+    """The engine arguments `make_llm` and `make_async_llm` share (platform defaults, see make_llm)."""
     kwargs: dict[str, Any] = dict(model=model_path, seed=seed, max_model_len=max_model_len, dtype=dtype,
                                   enforce_eager=True, trust_remote_code=False)
     if on_cpu():
@@ -90,6 +84,23 @@ def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
     if worker_extension_cls:
         kwargs["worker_extension_cls"] = worker_extension_cls
     kwargs.update(extra)
+    return kwargs
+
+
+def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
+             kv_cache_memory_bytes: int = 64 * 1024 * 1024, dtype: str = "float32",
+             worker_extension_cls: str | None = None, gpu_memory_utilization: float = 0.9,
+             gpu_kv_cache_memory_bytes: int | None = None, **extra: Any):
+    """Build a vllm.LLM for `model_path`. On CPU: eager mode, one in-process worker, a fixed KV cache
+    (left unset, each engine would claim ~11 GiB). On CUDA: the engine's share of its GPU's memory
+    (engines sharing a GPU each take their own share), and a KV cache size when one is given."""
+    apply_vllm_env()
+    from vllm import LLM
+
+    kwargs = engine_kwargs(model_path, seed=seed, max_model_len=max_model_len,
+                           kv_cache_memory_bytes=kv_cache_memory_bytes, dtype=dtype,
+                           worker_extension_cls=worker_extension_cls, gpu_memory_utilization=gpu_memory_utilization,
+                           gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes, **extra)
     return LLM(**kwargs)
 
 
@@ -104,17 +115,8 @@ def make_async_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    kwargs: dict[str, Any] = dict(model=model_path, seed=seed, max_model_len=max_model_len, dtype=dtype,
-                                  enforce_eager=True, trust_remote_code=False)
-    if on_cpu():
-        kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=kv_cache_memory_bytes)
-        kwargs.setdefault("max_num_seqs", 256)  # no chunked prefill: see make_llm
-        kwargs.setdefault("max_num_batched_tokens", kwargs["max_num_seqs"] * max_model_len)
-    else:
-        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        if gpu_kv_cache_memory_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = gpu_kv_cache_memory_bytes
-    if worker_extension_cls:
-        kwargs["worker_extension_cls"] = worker_extension_cls
-    kwargs.update(extra)
+    kwargs = engine_kwargs(model_path, seed=seed, max_model_len=max_model_len,
+                           kv_cache_memory_bytes=kv_cache_memory_bytes, dtype=dtype,
+                           worker_extension_cls=worker_extension_cls, gpu_memory_utilization=gpu_memory_utilization,
+                           gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes, **extra)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
