@@ -43,6 +43,11 @@ class WeightSync(Protocol):
         """Bring one engine that is behind `version` (e.g. restarted) up to date; True if it was behind."""
         ...
 
+    def landed(self) -> int | None:
+        """The version of the last sync once every engine has loaded it (None while one is loading or before
+        the first sync); admission control counts from it. May be called from another thread than sync's."""
+        ...
+
 
 def plan_buckets(specs: Sequence[tuple[str, torch.dtype, list[int]]], bucket_bytes: int) -> list[dict[str, Any]]:
     """Group tensors by dtype into flat buckets of at most `bucket_bytes` (a larger tensor gets its own).
@@ -172,6 +177,11 @@ class CollectiveSync:
         self._members_version: int | None = None  # what every member served after the last broadcast
         self._builds = 0
         self._meta: list[dict[str, Any]] | None = None
+        self._landed: int | None = None
+
+    def landed(self) -> int | None:
+        """Every sync waits for the broadcast to end, so the last one has landed once sync returns."""
+        return self._landed
 
     def _ensure_group(self, learner: "LearnerGroup", engines: Sequence[Any]) -> None:
         if list(engines) == self._members:  # actor handles compare by actor id
@@ -204,6 +214,7 @@ class CollectiveSync:
         self._members_version = None
         self._broadcast(learner, engines, version)
         self._members_version = int(version)
+        self._landed = max(int(version), self._landed or 0)
         return time.perf_counter() - t0
 
     def catch_up(self, learner: "LearnerGroup", engine: Any, version: int) -> bool:

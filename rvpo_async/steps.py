@@ -150,11 +150,8 @@ class Stepper:
     def advance_synced(self) -> None:
         """state.synced_version (what admission control counts from) moves to the last update's version once
         every engine has loaded it: a weight sync that did not wait (train_on) lands here."""
-        landed = getattr(self.p.sync, "landed", None)
-        if landed is None:
-            return
         try:
-            version = landed()
+            version = self.p.sync.landed()
         except ray.exceptions.RayError:  # the next sync raises it on the training side and catches engines up
             return
         if version is not None and version > self.state.synced_version:

@@ -1,6 +1,7 @@
-"""Weight sync from a real DeepSpeed learner (ZeRO-3, two ranks: the export is a collective gather) to a
-real vLLM rollout engine, by both transports: after a sync the engine scores tokens exactly as a
-transformers forward pass with the learner's exported weights does."""
+"""Weight sync from a real DeepSpeed learner (ZeRO-3, two ranks: the export is a collective gather) to the
+streaming rollout engine the pipeline runs (vLLM AsyncLLM), by both transports: after a sync the engine
+scores tokens exactly as a transformers forward pass with the learner's exported weights does, and a sync
+that lands while responses are being generated interrupts them and they finish on the new weights."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_blob_and_buckets_round_trip_every_tensor_bit_for_bit() -> None:
 def setup(tiny_model_dir: str):
     import ray
 
-    from actors.rollout import RolloutActor
+    from actors.streaming import StreamingRolloutActor
     from learner.actor import LearnerGroup
     from learner.weight_sync import CollectiveSync, ObjectStoreSync
     from rvpo_async.config import Config
@@ -51,8 +52,9 @@ def setup(tiny_model_dir: str):
     cfg = Config().override("learner.num_ranks=2", "learner.zero_stage=3", "learner.master_port=21210",
                             "learner.num_cpus=0.5", "rollout.group_size=2")
     learner = LearnerGroup(cfg, tiny_model_dir)
-    engine = RolloutActor.options(num_cpus=0.5, max_restarts=4).remote(
-        "e0", tiny_model_dir, group_size=2, max_new_tokens=4)
+    engine = StreamingRolloutActor.options(num_cpus=0.5, max_restarts=4).remote(
+        "e0", tiny_model_dir, group_size=2, max_new_tokens=160, weight_update="interrupt",
+        ignore_eos=True)
     syncs = {"object_store": ObjectStoreSync(), "collective": CollectiveSync(port=21220, addr="127.0.0.1")}
     yield learner, engine, syncs
     learner.shutdown()
@@ -168,14 +170,52 @@ def test_restarted_engine_catches_up_to_the_latest_version(setup: Any, transport
     assert max_diff(after_next, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-4
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_collective_sync_mid_generation_interrupts_responses_and_they_finish_on_the_new_weights(
+        setup: Any, tiny_model_dir: str) -> None:
+    """The gloo broadcast reaches an engine that is generating (rollout.weight_update=interrupt): the sync
+    returns, the responses in flight are interrupted and finish on the new version, and the engine then
+    scores as transformers does with the learner's weights."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from rvpo_async.types import Prompt
+
+    learner, engine, syncs = setup
+    version = ray.get(engine.get_version.remote()) + 1
+    set_perturbed_weights(learner, seed=40)
+    before = ray.get(engine.stats.remote())
+    prompts = [Prompt(f"p{i}", "", tuple(PROMPT[i:] + PROMPT[:i])) for i in range(2)]
+    gen = engine.generate.remote(prompts, [0, 1], [3, 4])
+    deadline = time.monotonic() + 60
+    while ray.get(engine.stats.remote())["tokens_streamed"] - before["tokens_streamed"] < 40 * len(prompts):
+        assert time.monotonic() < deadline, "the engine generated nothing"
+        time.sleep(0.02)
+    with ThreadPoolExecutor(1) as pool:  # a hung broadcast fails the test instead of stalling the suite
+        pool.submit(syncs["collective"].sync, learner, [engine], version).result(timeout=120)
+    assert syncs["collective"].landed() == version
+    groups = ray.get(gen, timeout=120)
+    after = ray.get(engine.stats.remote())
+    assert after["version"] == version
+    assert after["interrupted_samples"] > before["interrupted_samples"]
+    samples = [s for g in groups for s in g.samples]
+    assert all(len(s.token_ids) == 160 for s in samples)
+    assert any(s.first_version < s.last_version == version for s in samples)  # resumed on the new weights
+    scores = ray.get(engine.score_tokens.remote(PROMPT, RESPONSE))
+    assert max_diff(scores, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-4
+
+
 @pytest.fixture(scope="module")
 def in_place_engine(setup: Any, tiny_model_dir: str):
     import ray
 
-    from actors.rollout import RolloutActor
+    from actors.streaming import StreamingRolloutActor
 
-    engine = RolloutActor.options(num_cpus=0.5).remote("e-in-place", tiny_model_dir, group_size=2, max_new_tokens=4,
-                                                       weight_load="in_place")
+    engine = StreamingRolloutActor.options(num_cpus=0.5).remote("e-in-place", tiny_model_dir, group_size=2,
+                                                                max_new_tokens=4, weight_load="in_place")
     ray.get(engine.ready.remote())
     yield engine
     ray.kill(engine)
