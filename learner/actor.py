@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import ray
@@ -20,9 +20,24 @@ import torch
 from learner.engine import DeepSpeedLearner, LossFn, combine_stats
 from rvpo_async.config import Config, LearnerConfig
 from rvpo_async.placement import actor_options
-from rvpo_async.step_math import StepContext, build_step
 
 RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class PreparedBatch(Protocol):
+    batch: dict[str, Any]  # the learner tensors, advantages included; rows of group g are [g*G, (g+1)*G)
+
+    def info(self) -> dict[str, Any]:
+        """The step's summary (rank 0 returns it)."""
+        ...
+
+
+class StepBuilder(Protocol):
+    """Turns a pulled table into a training batch (rvpo_async.step_math.StepContext): the learner is handed
+    it, as it is handed the loss, and so knows nothing of the rewards or how they are aggregated."""
+
+    def build(self, table: Any, learner_version: int) -> PreparedBatch:
+        ...
 
 
 @ray.remote
@@ -37,7 +52,7 @@ class LearnerActor:
         torch.set_num_threads(1)
         self.rank, self.world_size = rank, world_size
         self.learner: DeepSpeedLearner | None = None
-        self._step_ctx: StepContext | None = None
+        self._step_ctx: StepBuilder | None = None
         self.model_path = ""
         self._weight_group: Any = None
 
@@ -60,14 +75,14 @@ class LearnerActor:
     def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
         return self._l().train_step(batch, loss_fn)
 
-    def set_step_context(self, ctx: StepContext) -> None:
+    def set_step_context(self, ctx: StepBuilder) -> None:
         self._step_ctx = ctx
 
     def train_from_table(self, table: Any, loss_fn: LossFn,
-                         ctx: StepContext | None = None) -> tuple[dict[str, float], dict[str, Any] | None]:
+                         ctx: StepBuilder | None = None) -> tuple[dict[str, float], dict[str, Any] | None]:
         """One optimizer step on this rank's groups of a pulled table (all ranks together, each given the
         same table: passed as a top-level ObjectRef, Ray maps its Arrow buffers here without a copy).
-        Every rank builds the whole batch and its advantages (the same on all ranks), then trains on its
+        Every rank builds the whole batch with the step builder (the same on all ranks), then trains on its
         own shard, as LearnerGroup.train_step splits it. Returns (stats, step summary on rank 0 else None);
         rank 0 computes the summary after the step, so that it does not hold the others at the collective."""
         ctx = ctx if ctx is not None else self._step_ctx
@@ -75,8 +90,7 @@ class LearnerActor:
             raise RuntimeError(f"learner rank {self.rank}: train_from_table without a step context "
                                "(LearnerGroup.set_step_context, or pass ctx)")
         learner = self._l()
-        step = build_step(table, pad_id=ctx.pad_id, algo=ctx.algo, learner_version=learner.version,
-                          total_steps=ctx.total_steps, rubric=ctx.rubric)
+        step = ctx.build(table, learner.version)
         group_size = int(step.batch["rewards"].shape[1])
         shard = split_by_groups(step.batch, self.world_size, group_size)[self.rank]
         stats = learner.train_step(shard, loss_fn)
@@ -198,19 +212,19 @@ class LearnerGroup:
         self._version += 1
         return merge_rank_stats(per_rank, self._version)
 
-    def set_step_context(self, ctx: StepContext) -> None:
-        """Hand every rank what train_from_table needs besides the table (pad id, algo config, run steps, the
-        rubric's per-prompt weights); once per run, so a step's call carries only the table's ref."""
+    def set_step_context(self, ctx: StepBuilder) -> None:
+        """Hand every rank the step builder train_from_table turns a table into a batch with (the core's
+        rvpo_async.step_math.StepContext); once per run, so a step's call carries only the table's ref."""
         ref = ray.put(ctx)
         ray.get([a.set_step_context.remote(ref) for a in self.actors])
         self._has_step_context = True
 
     def train_from_table(self, table_ref: Any, loss_fn: LossFn,
-                         ctx: StepContext | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+                         ctx: StepBuilder | None = None) -> tuple[dict[str, float], dict[str, Any]]:
         """One optimizer step on a pulled table that the driver never reads: every rank gets the same
-        ObjectRef (e.g. the second return of BufferActor.pull_split), builds the batch and advantages itself
+        ObjectRef (e.g. the second return of BufferActor.pull_split), builds the batch with the step builder
         and trains on its groups. Returns the stats merged as train_step merges them, and the step summary
-        (rvpo_async.step_math.PreparedStep.info) from rank 0. `ctx` defaults to the one set_step_context
+        (PreparedBatch.info) from rank 0. `ctx` defaults to the one set_step_context
         gave the ranks. A table (not a ref) is put into the object store first."""
         if ctx is None and not self._has_step_context:
             raise RuntimeError("train_from_table without a step context: call set_step_context first, or pass ctx")

@@ -103,7 +103,7 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     from actors.judge_service import JudgeServiceActor
     from actors.streaming import StreamingRolloutActor
     from learner.actor import LearnerGroup
-    from learner.loss import make_loss_fn
+    from rvpo_async.loss import make_loss_fn
     from learner.weight_sync import make_weight_sync
     from rvpo_async.metrics import Metrics
     from rvpo_async.evaluate import load_split

@@ -39,6 +39,12 @@ class StepContext:
     def from_config(cls, cfg: Config, prompts: Sequence[Prompt], pad_id: int) -> "StepContext":
         return cls(pad_id=int(pad_id), algo=cfg.algo, total_steps=cfg.run.steps, rubric=RubricView(cfg, prompts))
 
+    def build(self, table: pa.Table, learner_version: int) -> "PreparedStep":
+        """The step builder a learner rank is handed (learner.actor.StepBuilder): the learner knows nothing
+        of the rewards, their aggregation or the advantages, only that a table becomes a batch."""
+        return build_step(table, pad_id=self.pad_id, algo=self.algo, learner_version=learner_version,
+                          total_steps=self.total_steps, rubric=self.rubric)
+
 
 @dataclass
 class PreparedStep:

@@ -58,7 +58,7 @@ def ensure_ray() -> None:
 
 def run(model_dir: str, zero_stage: int, port: int) -> dict[str, Any]:
     from learner.actor import LearnerGroup
-    from learner.loss import make_loss_fn
+    from rvpo_async.loss import make_loss_fn
 
     ensure_ray()
     cfg = learner_config(zero_stage, port, 2, f"algo.kl_coef={KL_COEF}")
@@ -130,7 +130,7 @@ def test_resume_reproduces_the_version_and_next_losses_of_an_uninterrupted_run(
         tiny_model_dir: str, tmp_path: Any) -> None:
     from learner.actor import LearnerGroup
     from learner.checkpoint import find_latest
-    from learner.loss import make_loss_fn
+    from rvpo_async.loss import make_loss_fn
 
     ensure_ray()
     # a warmup schedule makes the resumed LR depend on the restored scheduler state, Adam's moments the weights

@@ -25,7 +25,7 @@ PROBE = r"""
 import json, os, sys
 import torch
 from learner.engine import DeepSpeedLearner
-from learner.loss import make_loss_fn
+from rvpo_async.loss import make_loss_fn
 from rvpo_async.config import Config
 sys.path.insert(0, os.path.join(os.environ["ROOT"], "tests", "ray"))
 from test_learner import make_batch

@@ -63,7 +63,7 @@ def test_ranks_training_from_the_table_ref_match_train_step_on_the_driver_built_
 
     from actors.buffer import create_buffer_actor
     from learner.actor import LearnerGroup
-    from learner.loss import make_loss_fn
+    from rvpo_async.loss import make_loss_fn
     from rvpo_async.step_math import StepContext, prepare_step
 
     port_a, port_b = free_ports(range(21340, 21360), 2)
