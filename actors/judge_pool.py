@@ -21,6 +21,7 @@ import ray
 
 from actors.judge_worker import JudgeWorker, SampleScorer, create_judge_engines  # noqa: F401 (re-exported)
 from actors.judges import Builder, build_judge, masked
+from rvpo_async.autoscale import autoscale_target
 from rvpo_async.config import Config
 from rvpo_async.placement import actor_options
 from rvpo_async.types import JudgeResult, Prompt, RolloutGroup
@@ -28,19 +29,6 @@ from rvpo_async.types import JudgeResult, Prompt, RolloutGroup
 Entry = tuple[int, int, int, JudgeResult]  # (group_id, sample_idx, judge_idx, result)
 _MAX_REASONS = 50  # distinct failure reasons kept per status; the rest count under "other"
 _LATENCIES_KEPT = 10_000
-
-
-def autoscale_target(queue_depth: int, in_flight: int, num_workers: int, min_workers: int, max_workers: int,
-                     per_worker_capacity: int) -> int:
-    """Workers needed to run all outstanding samples at full per-worker concurrency, within bounds.
-    Grows at once (a backlog adds staleness to every waiting sample) but shrinks one worker per call
-    (a burst often comes back, and a new worker takes seconds to start)."""
-    if per_worker_capacity < 1:
-        raise ValueError(f"per_worker_capacity must be >= 1, got {per_worker_capacity}")
-    needed = -(-(queue_depth + in_flight) // per_worker_capacity)
-    if needed < num_workers:
-        needed = num_workers - 1
-    return max(min_workers, min(max_workers, needed))
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from actors.judges import Params, masked
+from actors.judge_base import Params, masked
 from actors.llm_judge import MODES, HTTPJudge, http_url, judge_question
 from rvpo_async.config import JudgeSpec
 from rvpo_async.rubric import DEFAULT_MAX_ITEMS, from_meta

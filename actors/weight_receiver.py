@@ -20,88 +20,18 @@ Two ways to load (`rollout.weight_load`):
   generation where they dominate (larger models). On GPU nothing is repacked and the switch is a no-op.
 
 The module functions `load_blob`, `init_group`, `receive_broadcast` and `set_weight_load` are what
-`actors.rollout` calls.
+`actors.rollout` calls. The bytes on the wire (the safetensors blob, the flat buckets, the gloo group) are
+rvpo_async.weight_format's, which the learner writes with.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
-from datetime import timedelta
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable
 
 import torch
 
-GROUP_TIMEOUT = timedelta(minutes=5)
-
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def read_safetensors(blob: Any) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) views into a safetensors blob (bytes or a uint8 array), without copying the data.
-
-    The views may be read-only (a blob straight from Ray's object store): they are only read, once, by
-    the weight loader, which copies them into the model.
-    """
-    buf = memoryview(blob).cast("B")
-    n = int.from_bytes(buf[:8], "little")
-    try:
-        header = json.loads(bytes(buf[8:8 + n]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"weights blob of {len(buf)} bytes is not safetensors: bad header ({e})") from e
-    header.pop("__metadata__", None)
-    data = torch.empty(0, dtype=torch.uint8)
-    if len(buf) > 8 + n:
-        with warnings.catch_warnings():  # torch warns that a read-only buffer gives a non-writable tensor
-            warnings.simplefilter("ignore", UserWarning)
-            data = torch.frombuffer(buf, dtype=torch.uint8, offset=8 + n)
-    out = []
-    for name, info in header.items():
-        a, b = info["data_offsets"]
-        dtype = _FROM_SAFETENSORS.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"weights blob: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        out.append((name, data[a:b].view(dtype).view(info["shape"])))
-    return out
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """'float32' -> torch.float32; a name torch lacks is refused, naming it."""
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {name!r} in a weight-sync bucket")
-    return dt
-
-
-def unflatten(flat: torch.Tensor, metas: Sequence[Sequence[Any]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Views of `flat` as the named tensors its meta list describes (no copies)."""
-    for name, _dtype, shape, offset, numel in metas:
-        yield str(name), flat[int(offset):int(offset) + int(numel)].view([int(s) for s in shape])
-
-
-def new_gloo_group(addr: str, port: int, world_size: int, rank: int) -> Any:
-    """A gloo process group of its own, outside torch.distributed's default world.
-
-    Learner rank 0 is rank 0 here (it hosts the TCPStore); engines take ranks 1..N. Being separate from
-    the default group is what lets DeepSpeed's world and this one coexist in the learner process.
-    """
-    from torch.distributed import ProcessGroupGloo, TCPStore
-
-    store = TCPStore(addr, int(port), int(world_size), is_master=(int(rank) == 0), timeout=GROUP_TIMEOUT,
-                     wait_for_workers=False)
-    opts = ProcessGroupGloo._Options()
-    opts._timeout = GROUP_TIMEOUT
-    # on one machine bind to loopback; across machines each member picks its own interface
-    local = addr == "localhost" or addr.startswith("127.")
-    opts._devices = [ProcessGroupGloo.create_device(hostname=addr) if local
-                     else ProcessGroupGloo.create_default_device()]
-    return ProcessGroupGloo(store, int(rank), int(world_size), opts)
+from rvpo_async.weight_format import dtype_from_name, new_gloo_group, read_safetensors, unflatten
 
 
 def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -20,6 +20,7 @@ import torch
 from learner.engine import DeepSpeedLearner, LossFn, combine_stats
 from rvpo_async.config import Config, LearnerConfig
 from rvpo_async.placement import actor_options
+from rvpo_async.weight_format import flatten_bucket, new_gloo_group, plan_buckets, read_safetensors, safetensors_array
 
 RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -99,8 +100,6 @@ class LearnerActor:
     def export_blob(self) -> np.ndarray | None:
         """Rank 0: the full weights as one safetensors blob (returned once into Ray's object store, where a
         numpy array is stored without pickling and read without a copy)."""
-        from learner.weight_sync import safetensors_array
-
         with self._l().full_params() as params:
             return safetensors_array(params) if self.rank == 0 else None
 
@@ -118,25 +117,17 @@ class LearnerActor:
 
     def load_weights(self, blob: Any) -> None:
         """Overwrite the weights from a safetensors blob of the full state (all ranks together)."""
-        from actors.weight_receiver import read_safetensors
-
         self._l().load_state(dict(read_safetensors(blob)), "the weights blob handed to load_weights")
 
     # ------------------------------------------------------------------ collective weight sync
     def weight_meta(self, bucket_bytes: int) -> list[dict[str, Any]]:
-        from learner.weight_sync import plan_buckets
-
         return plan_buckets(self._l().param_specs(), bucket_bytes)
 
     def init_weight_group(self, addr: str, port: int, world_size: int) -> None:
-        from actors.weight_receiver import new_gloo_group
-
         self._weight_group = new_gloo_group(addr, port, world_size, 0)
 
     def broadcast_weights(self, meta: list[dict[str, Any]]) -> None:
         """Every rank enters (ZeRO-3 gathers); rank 0 broadcasts each flat bucket to the engines."""
-        from learner.weight_sync import flatten_bucket
-
         with self._l().full_params() as params:
             if self.rank != 0:
                 return

@@ -30,13 +30,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from learner.engine import DeepSpeedLearner
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -226,14 +223,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- one learner rank
 
-def step_counters(learner: "DeepSpeedLearner") -> dict[str, int]:
+class RankLearner(Protocol):
+    """What saving and restoring one rank reads and sets: learner.engine.DeepSpeedLearner is one."""
+
+    rank: int
+    world_size: int
+    version: int
+    cfg: Any  # a LearnerConfig: zero_stage is read
+    engine: Any  # the DeepSpeed engine: global_steps, global_samples
+    scheduler: Any
+
+    def export_state(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None: ...
+
+    def load_state(self, state: Mapping[str, torch.Tensor], source: str) -> None: ...
+
+    def base_optimizer(self) -> torch.optim.Optimizer: ...
+
+
+def step_counters(learner: RankLearner) -> dict[str, int]:
     """The policy version and DeepSpeed's own step counters, and the layout the optimizer files assume."""
     return {"version": learner.version, "global_steps": int(learner.engine.global_steps),
             "global_samples": int(learner.engine.global_samples), "world_size": learner.world_size,
             "zero_stage": learner.cfg.zero_stage}
 
 
-def save_rank(learner: "DeepSpeedLearner", directory: str | Path, model_path: str) -> None:
+def save_rank(learner: RankLearner, directory: str | Path, model_path: str) -> None:
     """This rank's files; rank 0 adds the weights, config/tokenizer, scheduler and counters."""
     from safetensors.torch import save_file
 
@@ -256,7 +270,7 @@ def save_rank(learner: "DeepSpeedLearner", directory: str | Path, model_path: st
     write_json(d / "learner_state.json", step_counters(learner))
 
 
-def load_rank(learner: "DeepSpeedLearner", directory: str | Path) -> None:
+def load_rank(learner: RankLearner, directory: str | Path) -> None:
     """Restore this rank from a checkpoint directory that `load()` has verified."""
     from safetensors.torch import load_file
 

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping, Protocol
 import torch
 import torch.distributed as dist
 
+from learner.checkpoint import load_rank, save_rank
 from rvpo_async.config import LearnerConfig
 
 REQUIRED_KEYS = ("input_ids", "response_mask", "behaviour_logprobs", "advantages", "policy_version")
@@ -310,12 +311,8 @@ class DeepSpeedLearner:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str, model_path: str) -> None:
         """Write this rank's part of a checkpoint into `directory` (all ranks call together)."""
-        from learner.checkpoint import save_rank
-
         save_rank(self, directory, model_path)
 
     def load_checkpoint(self, directory: str) -> None:
         """Restore weights, optimizer, scheduler, counters and RNG from a verified checkpoint directory."""
-        from learner.checkpoint import load_rank
-
         load_rank(self, directory)

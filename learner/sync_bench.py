@@ -85,7 +85,7 @@ def engine_breakdown(model_dir: Path, nbytes: int, repeat: int) -> None:
 
     from actors.vllm_engine import make_llm
     from actors.weight_receiver import set_weight_load
-    from learner.weight_sync import safetensors_array
+    from rvpo_async.weight_format import safetensors_array
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from safetensors.torch import load_file

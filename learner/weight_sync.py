@@ -7,6 +7,7 @@
   learner rank 0 and the engines; rank 0 broadcasts a few flat buckets (one per dtype, capped in size)
   and the engines receive into flat buffers. Flat buckets, not one call per tensor: per-call latency
   dominates for the many small tensors of a transformer.
+The blob and the buckets are written and read by rvpo_async.weight_format, on both sides.
 Under ZeRO-3 every learner rank takes part in the export (the gather is collective); both transports do
 that by calling all ranks. `sync` returns the seconds from the start of the export until every engine
 serves the new version.
@@ -14,16 +15,10 @@ serves the new version.
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
-import numpy as np
 import ray
-import torch
-
-from actors.weight_receiver import SAFETENSORS_DTYPES, dtype_from_name
 
 if TYPE_CHECKING:
     from learner.actor import LearnerGroup
@@ -47,67 +42,6 @@ class WeightSync(Protocol):
         """The version of the last sync once every engine has loaded it (None while one is loading or before
         the first sync); admission control counts from it. May be called from another thread than sync's."""
         ...
-
-
-def plan_buckets(specs: Sequence[tuple[str, torch.dtype, list[int]]], bucket_bytes: int) -> list[dict[str, Any]]:
-    """Group tensors by dtype into flat buckets of at most `bucket_bytes` (a larger tensor gets its own).
-
-    Each bucket: {"dtype": "float32", "numel": N, "tensors": [[name, dtype, shape, offset, numel], ...]}:
-    plain lists and strings, so the meta crosses vLLM's untyped collective_rpc intact.
-    """
-    by_dtype: dict[torch.dtype, list[tuple[str, list[int]]]] = {}
-    for name, dtype, shape in specs:
-        by_dtype.setdefault(dtype, []).append((name, list(shape)))
-    buckets: list[dict[str, Any]] = []
-    for dtype, items in by_dtype.items():
-        dname = str(dtype).removeprefix("torch.")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        cur: dict[str, Any] | None = None
-        for name, shape in items:
-            numel = math.prod(int(s) for s in shape)
-            if cur is None or (cur["numel"] and (cur["numel"] + numel) * itemsize > bucket_bytes):
-                cur = {"dtype": dname, "numel": 0, "tensors": []}
-                buckets.append(cur)
-            cur["tensors"].append([name, dname, shape, cur["numel"], numel])
-            cur["numel"] += numel
-    return buckets
-
-
-def flatten_bucket(state: Mapping[str, torch.Tensor], bucket: dict[str, Any]) -> torch.Tensor:
-    """One flat tensor holding the bucket's tensors at their offsets."""
-    flat = torch.empty(int(bucket["numel"]), dtype=dtype_from_name(bucket["dtype"]))
-    for name, _dtype, shape, offset, numel in bucket["tensors"]:
-        t = state[name]
-        if list(t.shape) != list(shape):
-            raise ValueError(f"weight {name!r} has shape {list(t.shape)}, the bucket plan says {shape}")
-        flat[offset:offset + numel].copy_(t.reshape(-1))
-    return flat
-
-
-def safetensors_array(state: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """The safetensors encoding of `state` as one uint8 array, written with one copy per tensor.
-
-    safetensors' own `save` builds the bytes through several intermediate copies (about 4x slower here).
-    Tensors go largest element size first, so every tensor starts aligned to its element size.
-    """
-    order = sorted(state, key=lambda k: (-state[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in order:
-        t = state[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
-    out = np.empty(8 + len(head) + offset, dtype=np.uint8)
-    out[:8] = np.frombuffer(len(head).to_bytes(8, "little"), dtype=np.uint8)
-    out[8:8 + len(head)] = np.frombuffer(head, dtype=np.uint8)
-    data = torch.from_numpy(out)[8 + len(head):]
-    for name in order:
-        a, b = header[name]["data_offsets"]
-        data[a:b].copy_(state[name].contiguous().reshape(-1).view(torch.uint8))
-    return out
 
 
 class ObjectStoreSync:
@@ -167,7 +101,8 @@ class CollectiveSync:
     version last broadcast (it restarted, and a restarted actor keeps its handle but not its place in the
     group): broadcasting to a group with a dead member would stall until the gloo timeout. Each build
     uses the next port from `port` (port, port+1, ...), so a new TCPStore never races an old one's socket.
-    An engine that dies during a broadcast leaves learner rank 0 waiting in it until GROUP_TIMEOUT.
+    An engine that dies during a broadcast leaves learner rank 0 waiting in it until GROUP_TIMEOUT
+    (rvpo_async.weight_format).
     """
 
     def __init__(self, port: int, addr: str | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,

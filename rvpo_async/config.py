@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Optional
 
-# the judge sections, in their own module; imported here so callers keep using rvpo_async.config for them
+# the judge sections and the loading machinery, in their own modules; imported here so callers keep using
+# rvpo_async.config for them
 from rvpo_async.config_judges import JudgeEngineConfig, JudgesConfig, JudgeSpec  # noqa: F401
-
-
-class ConfigError(ValueError):
-    """A config file or override is malformed; the message names the key."""
+from rvpo_async.config_load import ConfigError, apply_overrides, build, dump_config, read_config_file
+from rvpo_async.gpu_share import check_gpu_shares
 
 
 @dataclass(frozen=True)
@@ -343,8 +343,6 @@ class Config:
     def check(self) -> Iterator[tuple[str, str]]:
         if self.eval.every and not (self.task.eval_fraction > 0 or self.task.eval_file):
             yield "eval.every", "needs held-out prompts: set task.eval_fraction (e.g. 0.2) or task.eval_file"
-        from rvpo_async.gpu_share import check_gpu_shares  # noqa: PLC0415 (pure; imported late like the loader)
-
         yield from check_gpu_shares(self)
         w = self.algo.reward_weights
         if w is not None and len(w) != len(self.judges.specs):
@@ -380,9 +378,15 @@ class Config:
         return from_dict(apply_overrides(self.to_dict(), overrides))
 
 
-# the loader lives in its own module; imported here, after the classes it builds, so callers keep using
-# rvpo_async.config for both
-from rvpo_async.config_load import apply_overrides, dump_config, from_dict, load_config  # noqa: E402
+def from_dict(data: dict[str, Any]) -> Config:
+    """A checked Config from a nested dict (a parsed YAML file); a problem raises ConfigError naming its key."""
+    return build(Config, data)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when `path` is None) and apply dotted overrides."""
+    return from_dict(apply_overrides(read_config_file(path), overrides))
+
 
 __all__ = ["Config", "ConfigError", "JudgeEngineConfig", "JudgeSpec", "JudgesConfig", "apply_overrides", "dump_config",
            "from_dict", "load_config"]

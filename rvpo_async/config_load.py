@@ -1,6 +1,9 @@
-"""Loading the config tree (rvpo_async.config): YAML files, dotted `key=value` overrides, type checks
-against each field's annotation, then each section's `check()` rules. Every problem is a ConfigError that
-names the dotted key and what would be valid."""
+"""The machinery that loads the config tree (rvpo_async.config): YAML files, dotted `key=value` overrides,
+type checks against each field's annotation, then each section's `check()` rules. Every problem is a
+ConfigError that names the dotted key and what would be valid.
+
+It knows nothing of the tree's classes: rvpo_async.config imports it and hands `build` its root class
+(`from_dict`, `load_config` there are the entry points)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ import yaml
 
 # YAML 1.1 reads 1e-4 (no dot) as a string; accept such strings where a number is expected
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the key."""
 
 
 def _type_name(tp: Any) -> str:
@@ -108,10 +115,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return obj
 
 
-def from_dict(data: dict[str, Any]) -> Config:
+def build(cls: type, data: dict[str, Any]) -> Any:
+    """An instance of the config dataclass `cls` from a nested dict, every value converted to its field's
+    annotation and every section's `check()` rules applied; the first problem raises ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
-    return _build(Config, data, "")
+    return _build(cls, data, "")
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
@@ -139,29 +148,24 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Load a YAML config file (or the defaults when `path` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded
-    return from_dict(apply_overrides(data, overrides))
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The mapping a YAML config file holds ({} for the defaults when `path` is None, or an empty file)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
+def dump_config(cfg: Any, path: str | Path) -> None:
+    """Write a config (anything with `to_dict()`, e.g. rvpo_async.config.Config) as YAML."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-# rvpo_async.config re-exports this module's functions from its last line, and these two names are used
-# only when a function runs: importing them last lets either module be imported first
-from rvpo_async.config import Config, ConfigError  # noqa: E402

@@ -90,7 +90,7 @@ def test_same_seeds_give_the_same_groups(engine_factory):
 def test_interrupted_samples_keep_the_logprobs_of_the_weights_that_sampled_each_token(engine_factory, tiny_model_dir):
     """A weight update lands mid-response; token by token, the behaviour log-prob is that of the weights
     that sampled the token: version 0 up to the interruption, version 1 after it (fp32, 1e-4)."""
-    from learner.weight_sync import safetensors_array
+    from rvpo_async.weight_format import safetensors_array
 
     eng = engine_factory("interrupt")
     v0 = _state(tiny_model_dir)
@@ -117,7 +117,7 @@ def test_interrupted_samples_keep_the_logprobs_of_the_weights_that_sampled_each_
 
 
 def test_drain_never_mixes_two_versions_in_one_response(engine_factory, tiny_model_dir):
-    from learner.weight_sync import safetensors_array
+    from rvpo_async.weight_format import safetensors_array
 
     eng = engine_factory("drain")
     groups = _update_mid_generation(eng, _prompts(2, cap=96), safetensors_array(_perturbed(_state(tiny_model_dir), 2)), 1)

@@ -18,8 +18,7 @@ TRANSPORTS = ["object_store", "collective"]
 def test_blob_and_buckets_round_trip_every_tensor_bit_for_bit() -> None:
     from safetensors.torch import load, save
 
-    from actors.weight_receiver import read_safetensors, unflatten
-    from learner.weight_sync import flatten_bucket, plan_buckets, safetensors_array
+    from rvpo_async.weight_format import flatten_bucket, plan_buckets, read_safetensors, safetensors_array, unflatten
 
     g = torch.Generator().manual_seed(0)
     state = {"a.weight": torch.randn(3, 5, generator=g), "b.bias": torch.randn(7, generator=g).to(torch.bfloat16),

@@ -264,12 +264,3 @@ def test_judge_engine_placement_falls_back_to_the_judge_workers_and_follows_judg
                                                   "resources": {"rvpo_judge_gpu": 1.0}, "max_restarts": 1,
                                                   "max_task_retries": 1}
     assert actor_options("judge", own) == worker  # the judge workers keep their own options
-
-
-@pytest.mark.parametrize("first", ["rvpo_async.config", "rvpo_async.config_load"])
-def test_either_config_module_can_be_imported_first(first):
-    code = (f"import {first}, rvpo_async.config_load as cl, rvpo_async.config as c; "
-            "assert cl.load_config is c.load_config; print(cl.load_config(None, ['algo.k_risk=2']).algo.k_risk)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "2.0"

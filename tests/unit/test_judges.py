@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from actors.judge_pool import autoscale_target
 from actors.judges import build_judge, final_answer, normalise_answer, run_judge
 from actors.llm_judge import answer_token_ids, judge_question, parse_grade, parse_yes_no
+from rvpo_async.autoscale import autoscale_target
 from rvpo_async.config import JudgeSpec
 from rvpo_async.types import Prompt
 
