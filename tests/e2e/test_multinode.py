@@ -5,8 +5,8 @@ rvpo_judge. All nodes run on this machine (ray.cluster_utils.Cluster).
 The first test runs the job and, while it runs, checks where every actor lives, grows the judge pool onto
 an added judge node (rvpo-async scale-judges), shrinks it, and removes the judge node that holds the one
 worker left, as when a judge pod is preempted: the run loses no reward entry and no group. The second drives
-a JudgePool directly with a slow judge, grows it onto an added judge node and checks that the new workers
-there take part of the work (the throughput it prints is for reading, not asserted).
+a JudgePool directly with a slow judge, grows it onto an added judge node and checks that each of its three
+workers scores part of the next backlog (the throughput it prints is for reading, not asserted).
 
 A judge node here offers two judge slots ({rvpo_judge: 2}), not the four of the KubeRay judge pod: a judge
 worker asks for rvpo_judge 1, so a pool of three no longer fits one judge node and the third worker can only
@@ -378,6 +378,7 @@ def test_judge_pool_grown_onto_an_added_judge_node_spreads_the_work_over_its_wor
         pool.resize(3)
         wait_live(pool, 3)
         nodes = {wid: node_of(h) for wid, h in pool.worker_handles().items()}
+        calls_before = dict(pool.stats()["calls_by_worker"])
         three, got3 = score_backlog(pool, backlog(6, 4, first_id=6), k=2)
         stats = pool.stats()
         print(f"\njudge throughput: {one:.1f} samples/s with 1 worker, {three:.1f} with 3 ({three / one:.2f}x)")
@@ -394,4 +395,5 @@ def test_judge_pool_grown_onto_an_added_judge_node_spreads_the_work_over_its_wor
         assert len(got) == 24
         assert all(e.status == "ok" for entries in got.values() for e in entries.values())
     assert stats["samples_done"] == 48 and stats["retries"] == 0 and stats["worker_deaths"] == 0
-    assert all(stats["calls_by_worker"][wid] > 0 for wid in new_workers), stats["calls_by_worker"]
+    second = {wid: stats["calls_by_worker"].get(wid, 0) - calls_before.get(wid, 0) for wid in nodes}
+    assert sum(second.values()) == 24 and all(n > 0 for n in second.values()), (second, calls_before)

@@ -44,3 +44,21 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_keys(tmp_path: Pat
 def test_auto_resume_off_changes_nothing(tmp_path: Path) -> None:
     cfg = load_config(None, [f"run.output_dir={_run_dir_with_checkpoint(tmp_path)}"])
     assert resolve_auto_resume(cfg) is cfg
+
+
+def test_a_checkpoint_without_its_run_config_is_refused(tmp_path: Path) -> None:
+    run = _run_dir_with_checkpoint(tmp_path)
+    (run / "config.yaml").unlink()
+    with pytest.raises(ValueError, match="different config"):
+        resolve_auto_resume(load_config(None, [f"run.output_dir={run}", "run.auto_resume=true"]))
+
+
+def test_only_run_length_and_restart_flags_may_change_on_resume(tmp_path: Path) -> None:
+    run = _run_dir_with_checkpoint(tmp_path)
+    same = [f"run.output_dir={run}", "run.auto_resume=true"]
+    cfg = resolve_auto_resume(load_config(None, same + ["run.steps=99", "run.progress=false", "run.overwrite=true"]))
+    assert (cfg.run.resume, cfg.run.overwrite, cfg.run.auto_resume, cfg.run.steps) == (True, False, False, 99)
+    for change, key in [("judges.engine.max_model_len=4096", "judges.engine.max_model_len"),
+                        ("rollout.resources={x: 1}", "rollout.resources"), ("run.seed=9", "run.seed")]:
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            resolve_auto_resume(load_config(None, same + [change]))
