@@ -187,7 +187,8 @@ def test_collective_sync_mid_generation_interrupts_responses_and_they_finish_on_
     version = ray.get(engine.get_version.remote()) + 1
     set_perturbed_weights(learner, seed=40)
     before = ray.get(engine.stats.remote())
-    prompts = [Prompt(f"p{i}", "", tuple(PROMPT[i:] + PROMPT[:i])) for i in range(2)]
+    # not PROMPT itself: a scored prefix found in the prefix cache was computed in another batch shape
+    prompts = [Prompt(f"p{i}", "", tuple(PROMPT[i:] + PROMPT[:i])) for i in (1, 2)]
     gen = engine.generate.remote(prompts, [0, 1], [3, 4])
     deadline = time.monotonic() + 60
     while ray.get(engine.stats.remote())["tokens_streamed"] - before["tokens_streamed"] < 40 * len(prompts):
