@@ -114,7 +114,7 @@ def test_rvpo_advantages_match_reference_at_paper_scale(dtype):
 
 
 def test_benchmark_baseline_agrees_with_reference():
-    from rvpo_async.bench import numpy_loop_advantages
+    from rvpo_async.bench.algo import numpy_loop_advantages
 
     rng = _rng("bench")
     r = rng.normal(size=(6, 8, 5))

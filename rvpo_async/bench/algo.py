@@ -1,4 +1,4 @@
-"""Micro-benchmarks. Each prints its figures and a ratio against a baseline run in the same process."""
+"""`rvpo-async bench algo`: RVPO advantages in torch against a per-group float64 loop, same process."""
 
 from __future__ import annotations
 
@@ -68,47 +68,3 @@ def bench_algo(argv: Sequence[str]) -> int:
     print(f"  per-group Python/NumPy loop:        {t_loop * 1e3:9.2f} ms")
     print(f"  speed-up: {t_loop / t_torch:.1f}x   max |difference| vs float64 loop: {err:.2e}")
     return 0
-
-
-def _bench_buffer(argv: Sequence[str]) -> int:
-    from rvpo_async.buffer_bench import bench_buffer
-
-    return bench_buffer(argv)
-
-
-def _bench_rollout(argv: Sequence[str]) -> int:
-    from actors.rollout_bench import bench_rollout
-
-    return bench_rollout(argv)
-
-
-def _bench_sync(argv: Sequence[str]) -> int:
-    from learner.sync_bench import bench_sync
-
-    return bench_sync(argv)
-
-
-def _bench_pipeline(argv: Sequence[str]) -> int:
-    from rvpo_async.pipeline_bench import bench_pipeline
-
-    return bench_pipeline(argv)
-
-
-def _bench_trl(argv: Sequence[str]) -> int:
-    from rvpo_async.trl_bench import bench_trl
-
-    return bench_trl(argv)
-
-
-BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
-    "algo": bench_algo,
-    "buffer": _bench_buffer,
-    "rollout": _bench_rollout,
-    "sync": _bench_sync,
-    "pipeline": _bench_pipeline,
-    "trl": _bench_trl,
-}
-
-
-def run(what: str, argv: Sequence[str]) -> int:
-    return BENCHES[what](list(argv))
