@@ -1,4 +1,5 @@
-"""`rvpo-async bench algo`: RVPO advantages in torch against a per-group float64 loop, same process."""
+"""`rvpo-async bench algo`: RVPO advantages in torch against the per-group float64 loop of rvpo_async.reference,
+same process."""
 
 from __future__ import annotations
 
@@ -18,27 +19,10 @@ def _best_of(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def numpy_loop_advantages(r: np.ndarray, k_risk: float, w: np.ndarray, eps: float = 1e-4) -> np.ndarray:
-    """The obvious per-group, per-response loop (float64): the baseline and the reference."""
-    from scipy.special import logsumexp
-
-    b, g, k = r.shape
-    wn = w / w.sum()
-    out = np.empty((b, g))
-    for i in range(b):
-        z = np.empty((g, k))
-        for j in range(k):
-            col = r[i, :, j]
-            z[:, j] = (col - col.mean()) / (col.std(ddof=1) + eps)
-        for n in range(g):
-            out[i, n] = -logsumexp(-k_risk * z[n], b=wn) / k_risk
-    flat = out.reshape(-1)
-    return (out - flat.mean()) / (flat.std(ddof=1) + eps)
-
-
 def bench_algo(argv: Sequence[str]) -> int:
     import torch
 
+    from rvpo_async import reference
     from rvpo_async.algo import advantages
 
     p = argparse.ArgumentParser(prog="rvpo-async bench algo")
@@ -57,12 +41,15 @@ def bench_algo(argv: Sequence[str]) -> int:
     def torch_fn() -> torch.Tensor:
         return advantages(rt, "rvpo", k_risk=a.k_risk)
 
-    ref = numpy_loop_advantages(r64, a.k_risk, w)
+    def loop_fn() -> np.ndarray:  # the float64 reference the unit tests check the math against
+        return reference.advantages(r64, "rvpo", k_risk=a.k_risk, weights=w)
+
+    ref = loop_fn()
     got = torch_fn().double().numpy()
     err = float(np.abs(ref - got).max())
     torch_fn()  # warm-up
     t_torch = _best_of(torch_fn, a.repeat)
-    t_loop = _best_of(lambda: numpy_loop_advantages(r64, a.k_risk, w), max(1, a.repeat // 2))
+    t_loop = _best_of(loop_fn, max(1, a.repeat // 2))
     print(f"RVPO advantages, B={a.groups} groups x G={a.group_size} x K={a.rewards} rewards, CPU, 1 thread")
     print(f"  torch (rvpo_async.algo.advantages): {t_torch * 1e3:9.2f} ms")
     print(f"  per-group Python/NumPy loop:        {t_loop * 1e3:9.2f} ms")
