@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_trl_runs_grpo_trainer_and_prints_its_rate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("trl", reason="the bench extra (trl) is not installed")
-    from rvpo_async.trl_bench import bench_trl
+    from rvpo_async.bench.trl import bench_trl
 
     rc = bench_trl(["--systems", "trl", "--repeats", "1", "--steps", "3", "--window", "1:3", "--out", str(tmp_path),
                     "rollout.groups_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8"])

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_long_tail_bench_reports_both_engines_and_every_response_keeps_its_prompts_cap(tiny_model_dir, ray_local):
     from transformers import AutoTokenizer
 
-    from actors.rollout_bench import FIGURES, run_long_tail
+    from rvpo_async.bench.rollout import FIGURES, run_long_tail
     from rvpo_async.config import load_config
     from rvpo_async.task import load_prompts
 

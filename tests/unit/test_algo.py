@@ -1,4 +1,4 @@
-"""rvpo_async.algo against the float64 NumPy reference (tests/unit/reference.py) on random inputs."""
+"""rvpo_async.algo against the float64 NumPy reference (rvpo_async/reference.py) on random inputs."""
 
 from __future__ import annotations
 
@@ -113,14 +113,17 @@ def test_rvpo_advantages_match_reference_at_paper_scale(dtype):
     close(algo.advantages(t(r, dtype), "rvpo", k_risk=2.0, weights=w), want, dtype)
 
 
-def test_benchmark_baseline_agrees_with_reference():
-    from rvpo_async.bench import numpy_loop_advantages
+def test_benchmark_baseline_is_the_reference(capsys):
+    """`rvpo-async bench algo` times the float64 reference itself, and prints how far torch is from it."""
+    from rvpo_async.bench.algo import bench_algo
 
-    rng = _rng("bench")
-    r = rng.normal(size=(6, 8, 5))
-    w = rng.uniform(0.5, 2.0, size=5)
-    np.testing.assert_allclose(numpy_loop_advantages(r, 1.5, w), ref.advantages(r, "rvpo", k_risk=1.5, weights=w),
-                               rtol=1e-12, atol=1e-12)
+    threads = torch.get_num_threads()  # the bench runs torch on one thread
+    try:
+        assert bench_algo(["--groups", "3", "--group-size", "4", "--rewards", "5", "--repeat", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    err = float(re.search(r"max \|difference\| vs float64 loop: (\S+)", capsys.readouterr().out).group(1))
+    assert err < 1e-5
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

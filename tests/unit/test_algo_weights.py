@@ -1,5 +1,5 @@
 """Per-prompt and per-response reward weights in rvpo_async.algo (rubric workloads: each prompt has its own
-criteria in K_max slots, the rest masked) against the float64 NumPy reference (tests/unit/reference.py)."""
+criteria in K_max slots, the rest masked) against the float64 NumPy reference (rvpo_async/reference.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """rvpo_async.algo.policy_loss (decoupled PPO with behaviour importance weights) against the float64
-NumPy reference (tests/unit/reference.py)."""
+NumPy reference (rvpo_async/reference.py)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from rvpo_async import trl_bench
+from rvpo_async.bench import trl as trl_bench
 
 
 def test_window_rate_counts_steps_after_the_first_end_time_to_the_last() -> None:

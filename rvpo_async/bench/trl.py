@@ -152,7 +152,7 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> None:
 def run_system(system: str, a: argparse.Namespace, overrides: list[str], work: Path, rep: int
                ) -> tuple[list[float], list[int]]:
     """Run one system once in a subprocess; returns step end times (index 0 = start) and samples per step."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                          os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     run_dir = work / f"{system}-{rep}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,7 @@ def run_system(system: str, a: argparse.Namespace, overrides: list[str], work: P
         spec = {"config": a.config, "overrides": overrides, "model_path": a.model_path, "threads": a.trl_threads,
                 "workdir": str(run_dir / "trl"), "out": str(run_dir / "steps.jsonl")}
         (run_dir / "spec.json").write_text(json.dumps(spec))
-        _run([sys.executable, "-m", "rvpo_async.trl_bench", "--worker", str(run_dir / "spec.json")],
+        _run([sys.executable, "-m", "rvpo_async.bench.trl", "--worker", str(run_dir / "spec.json")],
              run_dir / "log.txt", env)
         rows = [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
         return [r["time"] for r in rows], [r["samples"] for r in rows]

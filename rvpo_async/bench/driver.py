@@ -1,7 +1,7 @@
 """Driver CPU seconds per trained sample: the driver process's CPU time (all its threads) over a 10-step and a
 40-step run of the embedded default after a warm-up run; the difference cancels start-up. Runs against
 whichever checkout is on PYTHONPATH (BENCHMARKS.md compares two commits):
-`PYTHONPATH=$PWD python -m rvpo_async.driver_bench`."""
+`PYTHONPATH=$PWD python -m rvpo_async.bench.driver`."""
 
 import tempfile
 import time
