@@ -1,4 +1,4 @@
-"""BufferActor: the GroupBuffer as an async Ray actor, adding backpressure.
+"""BufferActor: the GroupBuffer as an async Ray actor (the plain class BufferService), adding backpressure.
 
 Rollout actors put groups, judge workers write reward entries, the learner pulls. Every method is a
 coroutine on the actor's single event loop, so the plain GroupBuffer needs no lock. When the buffer is
@@ -10,7 +10,6 @@ which the reader maps without copying.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any, Iterable
 
@@ -26,8 +25,9 @@ from rvpo_async.types import RolloutGroup
 MAX_CONCURRENCY = 1000
 
 
-@ray.remote(max_concurrency=MAX_CONCURRENCY)
-class BufferActor:
+class BufferService:
+    """The plain class BufferActor wraps (its methods are coroutines: an async actor)."""
+
     def __init__(self, judge_names: list[str], group_size: int, capacity_groups: int, max_staleness: int,
                  persist_dir: str | None = None, restore: bool = False) -> None:
         if restore and persist_dir is not None:
@@ -116,9 +116,8 @@ class BufferActor:
         return self._buf.state_dict()
 
 
-def default_persist_dir(cfg: Config) -> str:
-    """buffer.persist_dir, or <run.output_dir>/buffer when it is not set."""
-    return cfg.buffer.persist_dir or os.path.join(cfg.run.output_dir, "buffer")
+# The Ray actor; create_buffer_actor gives it its remote options (rvpo_async.placement).
+BufferActor = ray.remote(max_concurrency=MAX_CONCURRENCY)(BufferService)
 
 
 def create_buffer_actor(cfg: Config, judge_names: list[str], persist_dir: str | None,
@@ -127,6 +126,6 @@ def create_buffer_actor(cfg: Config, judge_names: list[str], persist_dir: str | 
     (default: run.resume) reloads the groups a previous run scored but never pulled. `options` add
     remote options (the driver pins it to its own node)."""
     opts = actor_options("buffer", cfg, max_concurrency=MAX_CONCURRENCY, **options)
-    return BufferActor.options(**opts).remote(  # type: ignore[attr-defined]
+    return BufferActor.options(**opts).remote(
         list(judge_names), cfg.rollout.group_size, cfg.buffer.capacity_groups, cfg.staleness.max_staleness,
         persist_dir, cfg.run.resume if restore is None else restore)

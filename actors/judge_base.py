@@ -1,5 +1,5 @@
-"""What every judge kind shares: the `Judge` and `SlotJudge` protocols, the `Builder` signature, `Params`
-(a spec's params checked against what a kind accepts) and `masked` results.
+"""What every judge kind shares: the `Judge` and `SlotJudge` protocols (defined in rvpo_async.interfaces),
+the `Builder` signature, `Params` (a spec's params checked against what a kind accepts) and `masked` results.
 
 The rule judges and the factory (actors.judges) and the model judges (actors.llm_judge,
 actors.rubric_judge) all build on this module, and it on none of them.
@@ -10,33 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from rvpo_async.config import JudgeSpec
-from rvpo_async.types import JudgeResult, Prompt
+from rvpo_async.interfaces import Judge, SlotJudge  # noqa: F401 (the protocols, re-exported)
+from rvpo_async.types import JudgeResult
 
 _REASON_CHARS = 500
-
-
-class Judge(Protocol):
-    """One reward entry. `low`/`high` is the declared range; scores outside it are rejected."""
-
-    name: str
-    low: float
-    high: float
-
-    def score(self, prompt: Prompt, sample_text: str) -> float: ...
-
-
-@runtime_checkable
-class SlotJudge(Protocol):
-    """A judge filling `slots` reward entries per response (the rubric judge: one per criterion slot).
-    `score_all` never raises and keeps its own deadlines, so one slot can time out alone."""
-
-    name: str
-    slots: int
-
-    def score_all(self, prompt: Prompt, sample_text: str) -> list[JudgeResult]: ...
 
 
 Builder = Callable[[JudgeSpec, Mapping[str, Any]], "Judge | SlotJudge"]

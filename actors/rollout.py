@@ -1,6 +1,6 @@
 """Rollout: a vLLM engine that samples G responses per prompt and records behaviour log-probs.
 
-`RolloutEngine` is a plain class (testable without Ray); `RolloutActor` is its Ray actor. The actor
+`CallRollout` is a plain class (testable without Ray); `RolloutActor` is its Ray actor. The actor
 runs one call at a time, so a weight update always lands between generate calls and no response ever
 mixes two policy versions. Inside one generate call all prompts are in flight together (continuous
 batching), and a call returns when its longest response ends. A prompt may cap its own responses with
@@ -24,7 +24,7 @@ from rvpo_async.types import Prompt, RolloutGroup, Sample
 WORKER_EXTENSION = "actors.weight_receiver.WeightReceiverExtension"
 
 
-class RolloutEngine:
+class CallRollout:
     def __init__(self, name: str, model_path: str, *, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_model_len: int = 256,
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
@@ -132,6 +132,9 @@ class RolloutEngine:
         self.version = int(version)
         return self.version
 
+    def ready(self) -> str:
+        return self.name
+
     def get_version(self) -> int:
         return self.version
 
@@ -139,9 +142,5 @@ class RolloutEngine:
         return {"name": self.name, "version": self.version, "generated_tokens": self.generated_tokens}
 
 
-@ray.remote
-class RolloutActor(RolloutEngine):
-    """The Ray actor hosting one engine: one call at a time (max_concurrency=1)."""
-
-    def ready(self) -> str:
-        return self.name
+# The Ray actor hosting one engine: one call at a time (max_concurrency=1).
+RolloutActor = ray.remote(CallRollout)

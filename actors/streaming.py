@@ -332,6 +332,6 @@ class StreamingRollout:
         self.engine.shutdown()
 
 
-@ray.remote
-class StreamingRolloutActor(StreamingRollout):
-    """The Ray actor hosting one streaming engine (an async actor: every method runs on one event loop)."""
+# The Ray actor hosting one streaming engine (an async actor: every method runs on one event loop); its remote
+# options come from rvpo_async.placement.
+StreamingRolloutActor = ray.remote(StreamingRollout)

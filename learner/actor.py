@@ -41,8 +41,7 @@ class StepBuilder(Protocol):
         ...
 
 
-@ray.remote
-class LearnerActor:
+class LearnerRank:
     """One learner rank. One thread unless learner.num_threads says more: oversubscribed ranks run ~10x
     slower on CPU."""
 
@@ -73,13 +72,14 @@ class LearnerActor:
             raise RuntimeError(f"learner rank {self.rank} used before setup()")
         return self.learner
 
-    def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
-        return self._l().train_step(batch, loss_fn)
+    def train_shard(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
+        """This rank's share of LearnerGroup.train_step."""
+        return self._l().train_batch(batch, loss_fn)
 
     def set_step_context(self, ctx: StepBuilder) -> None:
         self._step_ctx = ctx
 
-    def train_from_table(self, table: Any, loss_fn: LossFn,
+    def train_table_shard(self, table: Any, loss_fn: LossFn,
                          ctx: StepBuilder | None = None) -> tuple[dict[str, float], dict[str, Any] | None]:
         """One optimizer step on this rank's groups of a pulled table (all ranks together, each given the
         same table: passed as a top-level ObjectRef, Ray maps its Arrow buffers here without a copy).
@@ -94,7 +94,7 @@ class LearnerActor:
         step = ctx.build(table, learner.version)
         group_size = int(step.batch["rewards"].shape[1])
         shard = split_by_groups(step.batch, self.world_size, group_size)[self.rank]
-        stats = learner.train_step(shard, loss_fn)
+        stats = learner.train_batch(shard, loss_fn)
         return stats, (step.info() if self.rank == 0 else None)
 
     def export_blob(self) -> np.ndarray | None:
@@ -137,12 +137,18 @@ class LearnerActor:
                 self._weight_group.broadcast(flatten_bucket(params, bucket), 0).wait()
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, directory: str) -> None:
-        self._l().save_checkpoint(directory, self.model_path)
+    def save_shard(self, directory: str) -> None:
+        """This rank's part of LearnerGroup.save_checkpoint."""
+        self._l().save_rank(directory, self.model_path)
 
-    def load_checkpoint(self, directory: str) -> int:
-        self._l().load_checkpoint(directory)
+    def load_shard(self, directory: str) -> int:
+        """This rank's part of LearnerGroup.load_checkpoint; returns the restored version."""
+        self._l().load_rank(directory)
         return self._l().version
+
+
+# The Ray actor of one rank; LearnerGroup gives it its remote options (rvpo_async.placement).
+LearnerActor = ray.remote(LearnerRank)
 
 
 def split_by_groups(batch: Mapping[str, torch.Tensor], parts: int, group_size: int) -> list[dict[str, torch.Tensor]]:
@@ -199,7 +205,7 @@ class LearnerGroup:
     def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over the whole batch, split across ranks by groups; stats merged over ranks."""
         shards = split_by_groups(batch, len(self.actors), self.cfg.rollout.group_size)
-        per_rank = ray.get([a.train_step.remote(s, loss_fn) for a, s in zip(self.actors, shards)])
+        per_rank = ray.get([a.train_shard.remote(s, loss_fn) for a, s in zip(self.actors, shards)])
         self._version += 1
         return merge_rank_stats(per_rank, self._version)
 
@@ -221,7 +227,7 @@ class LearnerGroup:
             raise RuntimeError("train_from_table without a step context: call set_step_context first, or pass ctx")
         ref = table_ref if isinstance(table_ref, ray.ObjectRef) else ray.put(table_ref)
         ctx_ref = None if ctx is None else ray.put(ctx)  # pickled once, not once per rank
-        out = ray.get([a.train_from_table.remote(ref, loss_fn, ctx_ref) for a in self.actors])
+        out = ray.get([a.train_table_shard.remote(ref, loss_fn, ctx_ref) for a in self.actors])
         self._version += 1
         info = out[0][1]
         assert info is not None, "learner rank 0 returned no step summary"
@@ -247,7 +253,7 @@ class LearnerGroup:
         from learner import checkpoint
 
         tmp = checkpoint.begin(root, self._version)
-        ray.get([a.save_checkpoint.remote(str(tmp)) for a in self.actors])
+        ray.get([a.save_shard.remote(str(tmp)) for a in self.actors])
         checkpoint.write_json(tmp / "extra.json", dict(extra or {}))
         return checkpoint.finalize(root, tmp, self._version, self.cfg.checkpoint.keep)
 
@@ -256,7 +262,7 @@ class LearnerGroup:
         from learner import checkpoint
 
         ckpt = checkpoint.load(path)
-        versions = ray.get([a.load_checkpoint.remote(str(ckpt.path)) for a in self.actors])
+        versions = ray.get([a.load_shard.remote(str(ckpt.path)) for a in self.actors])
         self._version = int(versions[0])
         return ckpt.extra
 

@@ -1,6 +1,6 @@
 """One DeepSpeed rank of the learner: train steps with a loss function it is handed, full-weight export.
 
-The learner knows nothing of RVPO (AReaL-lite's split): `train_step(batch, loss_fn)` computes token
+The learner knows nothing of RVPO (AReaL-lite's split): `train_batch(batch, loss_fn)` computes token
 log-probs, hands them with the batch to `loss_fn`, and steps. What it owns is the bookkeeping around that:
 - Proximal log-probs (pi_prox of decoupled PPO) are the learner's policy at the start of the step, at the
   temperature the loss function names. A batch takes one optimizer step, so the weights of every
@@ -87,7 +87,7 @@ def ds_config(cfg: LearnerConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for one learner rank. torch's AdamW: DeepSpeedCPUAdam needs a ~75 s JIT build."""
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        # the learner accumulates micro-batches itself (one optimizer step per train_step); these two
+        # the learner accumulates micro-batches itself (one optimizer step per train_batch); these two
         # entries only fill DeepSpeed's batch-size bookkeeping
         "gradient_accumulation_steps": 1,
         "train_batch_size": cfg.micro_batch_size * world_size,
@@ -208,7 +208,7 @@ class DeepSpeedLearner:
             logits = self._reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
             return token_logprobs(logits, mb["input_ids"], temperature)
 
-    def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
+    def train_batch(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on this rank's share of the batch; call on all ranks together."""
         t0 = time.perf_counter()
         b = self._prepare(batch)
@@ -309,10 +309,10 @@ class DeepSpeedLearner:
         return base
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, directory: str, model_path: str) -> None:
+    def save_rank(self, directory: str, model_path: str) -> None:
         """Write this rank's part of a checkpoint into `directory` (all ranks call together)."""
         save_rank(self, directory, model_path)
 
-    def load_checkpoint(self, directory: str) -> None:
+    def load_rank(self, directory: str) -> None:
         """Restore weights, optimizer, scheduler, counters and RNG from a verified checkpoint directory."""
         load_rank(self, directory)

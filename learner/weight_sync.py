@@ -16,32 +16,17 @@ serves the new version.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import ray
+
+from rvpo_async.interfaces import WeightSync  # noqa: F401 (the protocol both transports implement)
 
 if TYPE_CHECKING:
     from learner.actor import LearnerGroup
     from rvpo_async.config import Config
 
 DEFAULT_BUCKET_BYTES = 1 << 30
-
-
-class WeightSync(Protocol):
-    """Push the learner's weights to engines; each engine then reports `version` from get_version()."""
-
-    def sync(self, learner: "LearnerGroup", engines: Sequence[Any], version: int, wait: bool = True) -> float:
-        """Bring `engines` to `version`; wait=False may return before they have loaded it."""
-        ...
-
-    def catch_up(self, learner: "LearnerGroup", engine: Any, version: int) -> bool:
-        """Bring one engine that is behind `version` (e.g. restarted) up to date; True if it was behind."""
-        ...
-
-    def landed(self) -> int | None:
-        """The version of the last sync once every engine has loaded it (None while one is loading or before
-        the first sync); admission control counts from it. May be called from another thread than sync's."""
-        ...
 
 
 class ObjectStoreSync:

@@ -80,7 +80,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_scale_judges(args: argparse.Namespace) -> int:
     import ray
 
-    from rvpo_async.control import NAMESPACE, scale_judges
+    from actors.control import NAMESPACE, scale_judges
 
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
     try:

@@ -24,7 +24,7 @@ def evaluate_model(cfg: Config, model_dir: str, judge_engines: dict[str, Any] | 
     """One model's evaluation summary (per-reward means, lowest reward per response, share meeting all)."""
     from transformers import AutoTokenizer
 
-    from actors.rollout import RolloutEngine
+    from actors.rollout import CallRollout
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -33,7 +33,7 @@ def evaluate_model(cfg: Config, model_dir: str, judge_engines: dict[str, Any] | 
     prompts = (held or train)[:cfg.eval.num_prompts]
     e = cfg.eval
     max_tokens = e.max_new_tokens or cfg.rollout.max_new_tokens
-    engine = RolloutEngine("eval", str(Path(model_dir).resolve()), group_size=1, max_new_tokens=max_tokens,
+    engine = CallRollout("eval", str(Path(model_dir).resolve()), group_size=1, max_new_tokens=max_tokens,
                            seed=cfg.run.seed, max_model_len=cfg.model.max_model_len,
                            kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,

@@ -10,14 +10,23 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from rvpo_async.config import Config
-from rvpo_async.control import NAMESPACE, create_control
+from actors.control import NAMESPACE, create_control
 from rvpo_async.placement import actor_options
 from rvpo_async.types import Prompt
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from ray.actor import ActorHandle
+
+    from learner.engine import LossFn
+    from rvpo_async.interfaces import Learner, WeightSync
+    from rvpo_async.metrics import Metrics
 
 log = logging.getLogger("rvpo_async")
 
@@ -60,23 +69,26 @@ def resolve_model(cfg: Config) -> str:
 
 @dataclass
 class Pipeline:
+    """A run's parts. The actor handles serve the protocols of rvpo_async.interfaces: `engines` are
+    RolloutEngines (StreamingRolloutActor), `judges` the judge service (JudgeServiceActor, hosting the pool
+    of JudgeWorkers), `buffer` the BufferActor, `judge_engines` the LLM judges' vLLM engines by name."""
+
     cfg: Config
     model_path: str
     prompts: list[Prompt]
     pad_id: int
-    engines: list[Any]
+    engines: "list[ActorHandle]"
     engine_names: list[str]
-    buffer: Any
-    judges: Any
-    judge_engines: dict[str, Any]
-    learner: Any
-    sync: Any
-    loss_fn: Any
+    buffer: "ActorHandle"
+    judges: "ActorHandle"
+    judge_engines: "dict[str, ActorHandle]"
+    learner: "Learner"
+    sync: "WeightSync"
+    loss_fn: "LossFn"
     run_id: str = ""
-    control: Any = None
-    metrics: Any = None
-    metrics_server: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    control: "ActorHandle | None" = None
+    metrics: "Metrics | None" = None
+    metrics_server: "WSGIServer | None" = None
     eval_prompts: list[Prompt] = field(default_factory=list)  # held out: never trained on
 
     def shutdown(self) -> None:
@@ -128,7 +140,8 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     buffer = create_buffer_actor(cfg, names, persist, restore=cfg.run.resume, **on_driver_node())
     judge_engines = create_judge_engines(cfg, model_path)
     # on the driver's node, like the buffer: it requests no resources (see on_driver_node)
-    judges = JudgeServiceActor.options(num_cpus=0, max_restarts=0, **on_driver_node()).remote(cfg, judge_engines, buffer)
+    judges = JudgeServiceActor.options(**actor_options("judge_service", cfg, **on_driver_node())).remote(
+        cfg, judge_engines, buffer)
     engines, engine_names = [], []
     run_id = f"rvpo-{uuid.uuid4().hex[:8]}"  # Ray actor names: unique per run, readable in `ray list actors`
     for i in range(cfg.rollout.num_engines):
@@ -151,5 +164,5 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     return Pipeline(cfg=cfg, model_path=model_path, prompts=prompts, pad_id=int(pad_id), engines=engines,
                     engine_names=engine_names, buffer=buffer, judges=judges, judge_engines=judge_engines,
                     learner=learner, sync=make_weight_sync(cfg), loss_fn=make_loss_fn(cfg.algo, cfg.rollout.temperature),
-                    run_id=run_id, control=create_control(run_id, **on_driver_node()), metrics=metrics,
+                    run_id=run_id, control=create_control(run_id, cfg, **on_driver_node()), metrics=metrics,
                     metrics_server=server, eval_prompts=eval_prompts)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from rvpo_async.config import Config
 
-ActorKind = Literal["rollout", "judge", "judge_engine", "learner", "buffer"]
+ActorKind = Literal["rollout", "judge", "judge_engine", "learner", "buffer", "judge_service", "control"]
 
 
 def actor_options(kind: ActorKind, cfg: Config, **extra: Any) -> dict[str, Any]:
@@ -34,7 +34,8 @@ def actor_options(kind: ActorKind, cfg: Config, **extra: Any) -> dict[str, Any]:
     elif kind == "learner":
         opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                     resources=dict(cfg.learner.resources), max_restarts=0)
-    elif kind == "buffer":
+    elif kind in ("buffer", "judge_service", "control"):
+        # bookkeeping on the driver's node (the pipeline pins them there): no resources, not restarted
         opts = dict(num_cpus=0, max_restarts=0)
     else:
         raise ValueError(f"unknown actor kind {kind!r}")

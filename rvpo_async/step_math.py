@@ -1,7 +1,7 @@
 """What a training step computes from a pulled table, apart from the optimizer step itself: the learner
 batch with its RVPO advantages, and the step's summary (reward diagnostics, staleness, rubric detail, batch
 digest). Pure: no Ray, no actor handles. The driver (rvpo_async.steps.Stepper.train_on) and the learner
-ranks (learner.actor.LearnerActor.train_from_table) call the same functions, so both data paths train on
+ranks (learner.actor.LearnerRank.train_table_shard) call the same functions, so both data paths train on
 the same batch bit for bit.
 
 `prepare_step` is `build_step` followed by `PreparedStep.info`; a learner rank that must not delay the

@@ -7,7 +7,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -16,6 +16,11 @@ from rvpo_async.rubric_view import RUBRIC_ROW_KEYS, RubricView
 from rvpo_async.rubric_view import nan_or as _nan
 from rvpo_async.run_state import RunState
 from rvpo_async.step_math import StepContext, step_row
+
+if TYPE_CHECKING:
+    from rvpo_async.evaluate import Evaluator
+    from rvpo_async.pipeline import Pipeline
+    from rvpo_async.report import StepLog
 
 log = logging.getLogger("rvpo_async")
 
@@ -35,7 +40,7 @@ class ActorDied(RuntimeError):
         self.actor = actor
 
 
-def actor_name(p: Any, err: BaseException) -> str | None:
+def actor_name(p: "Pipeline", err: BaseException) -> str | None:
     """Which actor of pipeline `p` a RayActorError is about ("learner", "buffer", an engine's name), or None."""
     actor_id = getattr(err, "actor_id", None) or getattr(getattr(err, "cause", None), "actor_id", None)
     if not actor_id or p is None:
@@ -55,11 +60,11 @@ def actor_failure(name: str, err: BaseException) -> RuntimeError:
 
 
 class Stepper:
-    def __init__(self, p: Any, state: RunState, run_dir: Path) -> None:
+    def __init__(self, p: "Pipeline", state: RunState, run_dir: Path) -> None:
         self.p, self.state, self.run_dir = p, state, run_dir
         self.cfg: Config = p.cfg
-        self.steplog: Any = None
-        self.evaluator: Any = None  # rvpo_async.evaluate.Evaluator when eval.every > 0
+        self.steplog: "StepLog | None" = None
+        self.evaluator: "Evaluator | None" = None  # when eval.every > 0
         self.ckpt_dir = run_dir / "checkpoints"
         self.timings: list[dict[str, float]] = []
         self.last_ckpt_version = -1

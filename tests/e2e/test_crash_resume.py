@@ -32,7 +32,7 @@ def _learner_pids(proc: subprocess.Popen) -> list[int]:
     out = []
     for c in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if any("LearnerActor" in part for part in c.cmdline()):
+            if any("LearnerRank" in part for part in c.cmdline()):
                 out.append(c.pid)
         except psutil.Error:
             pass

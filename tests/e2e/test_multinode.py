@@ -44,8 +44,8 @@ RAY_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLEL
 JUDGE_NODE = {"rvpo_judge": 2}
 # the node group each actor class belongs on (JudgeWorker is ray.remote(SampleScorer)); the buffer, the judge
 # service and the run control stay with the driver, on the head
-ROLES = {"StreamingRolloutActor": "rollout", "LearnerActor": "learner", "SampleScorer": "judge",
-         "BufferActor": "head", "JudgeService": "head", "RunControl": "head"}
+ROLES = {"StreamingRollout": "rollout", "LearnerRank": "learner", "SampleScorer": "judge",
+         "BufferService": "head", "JudgeService": "head", "RunControl": "head"}
 STEPS = 50
 GROW_AT_STEP = 2
 
@@ -206,7 +206,7 @@ class Watcher:
         self.w.events[event] = len(rows_of(self.run_dir))
 
     def _main(self) -> None:
-        from rvpo_async.control import find_controls, scale_judges
+        from actors.control import find_controls, scale_judges
 
         try:
             def run_found(_: Counter) -> bool:

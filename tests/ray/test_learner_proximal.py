@@ -42,7 +42,7 @@ for recompute in (False, True):
             grads[name] = p.grad.detach().clone()
     learner.engine.optimizer.register_step_pre_hook(keep)
     batch = make_batch(model_dir)  # 16 rows: micro-batches of 5, 5, 3, 3
-    stats = learner.train_step(batch, make_loss_fn(cfg.algo, 0.9))
+    stats = learner.train_batch(batch, make_loss_fn(cfg.algo, 0.9))
     after = learner.export_state()
     out[recompute] = (stats, grads, after)
 (s0, g0, w0), (s1, g1, w1) = out[False], out[True]

@@ -10,10 +10,12 @@ from typing import Any
 
 import ray
 
+from rvpo_async.config import Config
+from rvpo_async.placement import actor_options
+
 NAMESPACE = "rvpo"
 
 
-@ray.remote(num_cpus=0)
 class RunControl:
     def __init__(self) -> None:
         self._judge_workers: int | None = None
@@ -29,8 +31,13 @@ class RunControl:
         return n
 
 
-def create_control(run_id: str, **options: Any) -> Any:
-    return RunControl.options(name=f"{run_id}-control", namespace=NAMESPACE, lifetime=None, **options).remote()
+RunControlActor = ray.remote(RunControl)
+
+
+def create_control(run_id: str, cfg: Config, **options: Any) -> "ray.actor.ActorHandle":
+    """The run's named control actor; `options` add remote options to placement's (the driver pins it to its node)."""
+    opts = actor_options("control", cfg, name=f"{run_id}-control", namespace=NAMESPACE, lifetime=None, **options)
+    return RunControlActor.options(**opts).remote()
 
 
 def find_controls() -> list[str]:
