@@ -1,4 +1,4 @@
-"""The judge pool's autoscale rule (actors.judge_pool applies it). Pure: no Ray."""
+"""The judge pool's autoscale rule (actors.judges.pool applies it). Pure: no Ray."""
 
 from __future__ import annotations
 

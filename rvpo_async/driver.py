@@ -1,6 +1,6 @@
 """The driver: a rollout loop and a training loop over the actors of rvpo_async.pipeline.
 
-Data moves between actors without passing through here: a rollout engine (actors/streaming.py) puts each
+Data moves between actors without passing through here: a rollout engine (actors/rollout/streaming.py) puts each
 finished group into the buffer and hands it to the judge service, which writes the rewards into the buffer;
 learner ranks read their batch from the buffer through an object reference. The driver holds counts,
 versions and control only:

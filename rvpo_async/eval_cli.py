@@ -24,7 +24,7 @@ def evaluate_model(cfg: Config, model_dir: str, judge_engines: dict[str, Any] | 
     """One model's evaluation summary (per-reward means, lowest reward per response, share meeting all)."""
     from transformers import AutoTokenizer
 
-    from actors.rollout import CallRollout
+    from actors.rollout.call import CallRollout
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -79,7 +79,7 @@ def run_eval(cfg: Config, model_dir: str, baseline_dir: str | None, out: str) ->
     judge_engines: dict[str, Any] = {}
     started_ray = False
     if any(s.kind == "llm" for s in cfg.judges.specs):  # the LLM judges' engine runs as a Ray actor
-        from actors.judge_worker import create_judge_engines
+        from actors.judges.worker import create_judge_engines
         from rvpo_async.pipeline import init_ray, resolve_model
 
         started_ray = init_ray(cfg)

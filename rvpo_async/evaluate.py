@@ -107,14 +107,14 @@ def summarise_scores(results: Sequence[Sequence[Sequence[JudgeResult]]], names: 
 
 def score_responses(scorer: Any, prompts: Sequence[Prompt], texts: Sequence[Sequence[str]],
                     threads: int = 8) -> list[list[list[JudgeResult]]]:
-    """Every response scored by every judge (`scorer`: actors.judge_worker.SampleScorer), concurrently."""
+    """Every response scored by every judge (`scorer`: actors.judges.worker.SampleScorer), concurrently."""
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="rvpo-eval-score") as pool:
         futs = [[pool.submit(scorer.score_sample, p, t) for t in ts] for p, ts in zip(prompts, texts)]
         return [[f.result() for f in row] for row in futs]
 
 
 def make_scorer(cfg: Config, judge_engines: dict[str, Any] | None = None) -> Any:
-    from actors.judge_worker import SampleScorer
+    from actors.judges.worker import SampleScorer
 
     return SampleScorer(list(cfg.judges.specs), judge_engines or {}, cfg.judges.concurrency, cfg.judges.timeout_s)
 

@@ -2,8 +2,8 @@
 
 | protocol | plain classes | Ray actor (a thin `ray.remote` wrapper) |
 |---|---|---|
-| `RolloutEngine` | `actors.streaming.StreamingRollout` (vLLM AsyncLLM) | `StreamingRolloutActor` |
-| `Judge`, `SlotJudge` | `actors.rule_judges`, `actors.llm_judge`, `actors.rubric_judge` | hosted by `JudgeWorker` |
+| `RolloutEngine` | `actors.rollout.streaming.StreamingRollout` (vLLM AsyncLLM) | `StreamingRolloutActor` |
+| `Judge`, `SlotJudge` | `actors.judges.rules`, `actors.judges.llm`, `actors.judges.rubric` | hosted by `JudgeWorker` |
 | `Learner` | `learner.actor.LearnerGroup` (driving `LearnerRank` x N) | `LearnerActor` per rank |
 | `WeightSync` | `learner.weight_sync.ObjectStoreSync`, `CollectiveSync` | runs on the driver |
 

@@ -111,9 +111,9 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
     from transformers import AutoTokenizer
 
     from actors.buffer import create_buffer_actor
-    from actors.judge_pool import create_judge_engines
-    from actors.judge_service import JudgeServiceActor
-    from actors.streaming import StreamingRolloutActor
+    from actors.judges.pool import create_judge_engines
+    from actors.judges.service import JudgeServiceActor
+    from actors.rollout.streaming import StreamingRolloutActor
     from learner.actor import LearnerGroup
     from rvpo_async.loss import make_loss_fn
     from learner.weight_sync import make_weight_sync

@@ -6,7 +6,7 @@ into reward slot j of `max_items` fixed slots named `<judge>/00`, `<judge>/01`, 
 lacks are masked with status 'absent'. A criterion with negative points is a pitfall: the judge asks
 whether the response shows it, and the slot scores 1 - p, so 1 always means "met" (pitfall avoided).
 
-Pure: no ray, vllm or torch. The loader (rvpo_async.task) and the judge (actors/rubric_judge.py) share
+Pure: no ray, vllm or torch. The loader (rvpo_async.task) and the judge (actors/judges/rubric.py) share
 `parse_rubric`; the driver uses `rubric_stats`.
 """
 

@@ -1,5 +1,5 @@
 """The weight wire format shared by the learner (learner.weight_sync, learner.actor) and the rollout
-engines (actors.weight_receiver): one module, so both sides agree on every byte.
+engines (actors.rollout.weight_receiver): one module, so both sides agree on every byte.
 
 - A safetensors blob of the full state: `safetensors_array` writes it (one uint8 array, one copy per
   tensor), `read_safetensors` reads one (its own or the reference library's) into views without copying.

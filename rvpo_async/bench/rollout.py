@@ -1,10 +1,10 @@
 """`rvpo-async bench rollout`: generated tokens/s of rollout engines on the tiny model.
 
-`--workload uniform` (the default): one or more call-at-a-time engines (actors/rollout.py), every response
+`--workload uniform` (the default): one or more call-at-a-time engines (actors/rollout/call.py), every response
 up to max_new_tokens; baseline, in the same process: transformers' `generate` sampling the same prompts
 with the same number of samples and new tokens. The engines run as Ray actors, as in training.
 
-`--workload long_tail`: the streaming engine (actors/streaming.py) against the call-at-a-time engine on the
+`--workload long_tail`: the streaming engine (actors/rollout/streaming.py) against the call-at-a-time engine on the
 same model and prompts, most groups short and a few near max_new_tokens (per-prompt caps, ignore_eos), the
 same number of groups outstanding on both: generated tokens/s, groups/s, and group latency from submission
 to delivery. Repeats alternate which engine goes first, so a change of load on the machine hits both.
@@ -47,7 +47,7 @@ def bench_rollout(argv: Sequence[str]) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.rollout import RolloutActor
+    from actors.rollout.call import RolloutActor
     from rvpo_async.config import load_config
     from rvpo_async.task import load_prompts
     from rvpo_async.tiny_model import make_tiny_model
@@ -263,8 +263,8 @@ def run_long_tail(model: str, prompts: Sequence[Any], *, engines: int = 1, group
     prompts, caps and sampling seeds for both. Starts Ray when it is not running (and then stops it)."""
     import ray
 
-    from actors.rollout import RolloutActor
-    from actors.streaming import StreamingRolloutActor
+    from actors.rollout.call import RolloutActor
+    from actors.rollout.streaming import StreamingRolloutActor
 
     per_call = -(-groups_per_step // engines)
     started = not ray.is_initialized()

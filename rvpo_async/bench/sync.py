@@ -84,7 +84,7 @@ def engine_breakdown(model_dir: Path, nbytes: int, repeat: int) -> None:
     import os
 
     from actors.vllm_engine import make_llm
-    from actors.weight_receiver import set_weight_load
+    from actors.rollout.weight_receiver import set_weight_load
     from rvpo_async.weight_format import safetensors_array
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -92,7 +92,7 @@ def engine_breakdown(model_dir: Path, nbytes: int, repeat: int) -> None:
 
     blob = safetensors_array({k: v + 1e-3 for k, v in load_file(str(model_dir / "model.safetensors")).items()})
     copy_s, gb = memcpy_seconds(nbytes, 5), nbytes / 1e9
-    llm = make_llm(str(model_dir), max_model_len=128, worker_extension_cls="actors.weight_receiver.WeightReceiverExtension")
+    llm = make_llm(str(model_dir), max_model_len=128, worker_extension_cls="actors.rollout.weight_receiver.WeightReceiverExtension")
     reload_s = llm.collective_rpc(_time_reload, args=(blob, repeat))[0]
     set_weight_load(llm, "in_place")
     repack_s, layers = llm.collective_rpc(_time_repack, args=(repeat,))[0]
@@ -127,7 +127,7 @@ def bench_sync(argv: Sequence[str]) -> int:
 
     import ray
 
-    from actors.rollout import RolloutActor
+    from actors.rollout.call import RolloutActor
     from learner.actor import LearnerGroup
     from learner.weight_sync import CollectiveSync, ObjectStoreSync
     from rvpo_async.config import Config

@@ -88,7 +88,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from actors.judges import build_judge
+    from actors.judges.factory import build_judge
     from rvpo_async.config import load_config
     from rvpo_async.task import constraint_prompts, file_prompts
     from rvpo_async.types import Prompt

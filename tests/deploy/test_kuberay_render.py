@@ -106,7 +106,7 @@ def test_configmap_holds_a_config_that_load_config_accepts(overlay: str, tmp_pat
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployed_judge_specs_build_with_their_params(overlay: str, tmp_path: Path) -> None:
-    from actors.judges import build_judge
+    from actors.judges.factory import build_judge
 
     for spec in overlay_config(overlay, tmp_path).judges.specs:
         judge = build_judge(spec)

@@ -359,7 +359,7 @@ def score_backlog(pool: Any, groups: list[RolloutGroup], k: int) -> tuple[float,
 
 
 def test_judge_pool_grown_onto_an_added_judge_node_spreads_the_work_over_its_workers(one_judge_node):
-    from actors.judge_pool import JudgePool
+    from actors.judges.pool import JudgePool
 
     mn = one_judge_node
     specs = [JudgeSpec(name="fmt", kind="regex", params={"pattern": r"[a-z]+ .*"}),

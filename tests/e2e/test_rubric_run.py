@@ -56,7 +56,7 @@ def test_train_on_the_rubric_config_grades_every_criterion_and_masks_absent_slot
 
 def test_a_judge_timeout_on_one_criterion_masks_that_slot_only(tiny_model_dir, ray_local):
     from actors.buffer import BufferActor
-    from actors.judge_pool import JudgePool, create_judge_engines
+    from actors.judges.pool import JudgePool, create_judge_engines
     from judge_fakes import SlowCriterionProxy
     from rvpo_async.buffer import to_torch
 

@@ -30,8 +30,8 @@ G, K = 4, len(SPECS)
 
 def test_rollout_judges_and_buffer_fill_ready_groups(tiny_model_dir: str, ray_local: Any) -> None:
     from actors.buffer import BufferActor
-    from actors.judge_pool import JudgePool, create_judge_engines
-    from actors.rollout import RolloutActor
+    from actors.judges.pool import JudgePool, create_judge_engines
+    from actors.rollout.call import RolloutActor
     from rvpo_async.buffer import to_torch
     from rvpo_async.task import load_prompts
 

@@ -14,7 +14,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from actors.judge_pool import JudgePool
+from actors.judges.pool import JudgePool
 from judge_fakes import EXTRA_BUILDERS, SleepJudge
 from rvpo_async.config import Config, JudgesConfig, JudgeSpec
 from rvpo_async.types import Prompt, RolloutGroup, Sample

@@ -9,8 +9,8 @@ import math
 import pytest
 import ray
 
-from actors.judge_pool import JudgePool, JudgeWorker, create_judge_engines
-from actors.llm_judge import judge_question
+from actors.judges.pool import JudgePool, JudgeWorker, create_judge_engines
+from actors.judges.llm import judge_question
 from rvpo_async.config import Config, JudgesConfig, JudgeSpec, ModelConfig, load_config
 from rvpo_async.types import Prompt, RolloutGroup, Sample
 
@@ -79,7 +79,7 @@ def _yes_probability(model_dir: str, question: str) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.llm_judge import _SYSTEM, answer_token_ids
+    from actors.judges.llm import _SYSTEM, answer_token_ids
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 
-from actors.llm_judge import JudgeEngine, judge_question
+from actors.judges.llm import JudgeEngine, judge_question
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,7 +32,7 @@ def old_path_scores(model_dir: str, questions: list[str]) -> dict[str, list[floa
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    from actors.llm_judge import _SYSTEM, answer_token_ids, parse_grade
+    from actors.judges.llm import _SYSTEM, answer_token_ids, parse_grade
     from actors.vllm_engine import make_llm
 
     llm = make_llm(model_dir, seed=0, max_model_len=MAX_MODEL_LEN)

@@ -1,4 +1,4 @@
-"""The streaming rollout engine (actors/streaming.py) on the real vLLM AsyncLLM and the tiny model."""
+"""The streaming rollout engine (actors/rollout/streaming.py) on the real vLLM AsyncLLM and the tiny model."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _token_logprobs(model_dir: str, state: dict[str, torch.Tensor], prompt: list
 @pytest.fixture(scope="module")
 def engine_factory(tiny_model_dir, ray_module):
     """One engine per weight-update mode for the module (each takes ~10 s to start)."""
-    from actors.streaming import StreamingRolloutActor
+    from actors.rollout.streaming import StreamingRolloutActor
 
     made: dict[str, object] = {}
 

@@ -39,7 +39,7 @@ def test_blob_and_buckets_round_trip_every_tensor_bit_for_bit() -> None:
 def setup(tiny_model_dir: str):
     import ray
 
-    from actors.streaming import StreamingRolloutActor
+    from actors.rollout.streaming import StreamingRolloutActor
     from learner.actor import LearnerGroup
     from learner.weight_sync import CollectiveSync, ObjectStoreSync
     from rvpo_async.config import Config
@@ -212,7 +212,7 @@ def test_collective_sync_mid_generation_interrupts_responses_and_they_finish_on_
 def in_place_engine(setup: Any, tiny_model_dir: str):
     import ray
 
-    from actors.streaming import StreamingRolloutActor
+    from actors.rollout.streaming import StreamingRolloutActor
 
     engine = StreamingRolloutActor.options(num_cpus=0.5).remote("e-in-place", tiny_model_dir, group_size=2,
                                                                 max_new_tokens=4, weight_load="in_place")

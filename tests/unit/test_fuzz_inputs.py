@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.judges import evaluate, run_judge
+from actors.judges.factory import evaluate, run_judge
 from learner import checkpoint as ck
 from rvpo_async.types import Prompt
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.judges import build_judge, run_judge
+from actors.judges.factory import build_judge, run_judge
 from ports import free_ports
 from rvpo_async.config import JudgeSpec
 from rvpo_async.task import PromptFileError, file_prompts

@@ -25,7 +25,7 @@ def _params(fn: object) -> list[tuple[str, object]]:
 
 
 def _plain_classes() -> list[tuple[type, type]]:
-    from actors.streaming import StreamingRollout
+    from actors.rollout.streaming import StreamingRollout
     from learner.actor import LearnerGroup
     from learner.weight_sync import CollectiveSync, ObjectStoreSync
 
@@ -50,7 +50,7 @@ def test_plain_class_offers_every_protocol_member_with_its_parameters(proto: typ
 def test_every_built_in_judge_is_a_judge_or_a_slot_judge() -> None:
     from pathlib import Path
 
-    from actors.judges import build_judge
+    from actors.judges.factory import build_judge
     from rvpo_async.config import load_config
 
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"))
@@ -67,10 +67,10 @@ def test_every_actor_of_a_run_wraps_a_plain_class() -> None:
     """`X = ray.remote(Plain)`: the plain class stays importable and testable without Ray."""
     from actors.buffer import BufferActor, BufferService
     from actors.control import RunControl, RunControlActor
-    from actors.judge_service import JudgeService, JudgeServiceActor
-    from actors.judge_worker import JudgeWorker, SampleScorer
-    from actors.rollout import CallRollout, RolloutActor
-    from actors.streaming import StreamingRollout, StreamingRolloutActor
+    from actors.judges.service import JudgeService, JudgeServiceActor
+    from actors.judges.worker import JudgeWorker, SampleScorer
+    from actors.rollout.call import CallRollout, RolloutActor
+    from actors.rollout.streaming import StreamingRollout, StreamingRolloutActor
     from learner.actor import LearnerActor, LearnerRank
 
     pairs = [(BufferActor, BufferService), (RunControlActor, RunControl), (JudgeServiceActor, JudgeService),

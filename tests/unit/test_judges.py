@@ -12,8 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from actors.judges import build_judge, final_answer, normalise_answer, run_judge
-from actors.llm_judge import answer_token_ids, judge_question, parse_grade, parse_yes_no
+from actors.judges.factory import build_judge, final_answer, normalise_answer, run_judge
+from actors.judges.llm import answer_token_ids, judge_question, parse_grade, parse_yes_no
 from rvpo_async.autoscale import autoscale_target
 from rvpo_async.config import JudgeSpec
 from rvpo_async.types import Prompt
@@ -368,7 +368,7 @@ class _HangJudge:
 
 
 def test_a_hung_judge_times_out_alone_and_never_starves_the_other_judges() -> None:
-    from actors.judge_worker import SampleScorer
+    from actors.judges.worker import SampleScorer
 
     release = threading.Event()
     specs = [JudgeSpec(name="hang", kind="hang", timeout_s=0.05), JudgeSpec(name="fmt", kind="regex",

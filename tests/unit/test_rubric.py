@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.judge_worker import SampleScorer
-from actors.judges import Params, SlotJudge
-from actors.rubric_judge import RubricJudge, build_rubric_judge
+from actors.judges.worker import SampleScorer
+from actors.judges.factory import Params, SlotJudge
+from actors.judges.rubric import RubricJudge, build_rubric_judge
 from rvpo_async.config import ConfigError, JudgeSpec, load_config
 from rvpo_async.rubric import META_KEY, parse_rubric, points_matrix, rubric_stats
 from rvpo_async.rubric_view import RubricView

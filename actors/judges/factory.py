@@ -1,11 +1,11 @@
 """Judges: each turns one response into one entry of the reward vector.
 
 A judge is anything with `name`, a declared range `[low, high]` and `score(prompt, text) -> float`
-(the `Judge` protocol). The rule judges are cheap, deterministic CPU checks (`actors/rule_judges.py`)
+(the `Judge` protocol). The rule judges are cheap, deterministic CPU checks (`actors/judges/rules.py`)
 built here from a `JudgeSpec` (kind + params); `build_judge` is the one factory, a table from kind to
 builder, so a spec in the config maps to code you can jump to. LLM and HTTP judges live in
-`actors/llm_judge.py`, the rubric judge in `actors/rubric_judge.py`; what every kind shares (the protocols,
-`Params`, `masked`) in `actors/judge_base.py`.
+`actors/judges/llm.py`, the rubric judge in `actors/judges/rubric.py`; what every kind shares (the protocols,
+`Params`, `masked`) in `actors/judges/base.py`.
 
 `evaluate` / `run_judge` wrap a call so that it can never raise: a judge that throws, returns a
 non-number, NaN/inf, a value outside its range, or misses its deadline gives a masked `JudgeResult`
@@ -26,8 +26,8 @@ from numbers import Real
 from typing import Any
 
 # the shared judge types and the rule checks are re-exported: callers import them from here
-from actors.judge_base import Builder, Judge, Params, SlotJudge, masked  # noqa: F401
-from actors.rule_judges import (  # noqa: F401
+from actors.judges.base import Builder, Judge, Params, SlotJudge, masked  # noqa: F401
+from actors.judges.rules import (  # noqa: F401
     Check,
     RuleJudge,
     exact_match_check,
@@ -115,8 +115,8 @@ RULE_BUILDERS: dict[str, Builder] = {
 
 def _model_builders() -> dict[str, Builder]:
     # imported here: the rule judges stay importable without ray or an HTTP stack
-    from actors.llm_judge import build_http_judge, build_llm_judge
-    from actors.rubric_judge import build_rubric_judge
+    from actors.judges.llm import build_http_judge, build_llm_judge
+    from actors.judges.rubric import build_rubric_judge
 
     return {"llm": build_llm_judge, "http": build_http_judge, "rubric": build_rubric_judge}
 

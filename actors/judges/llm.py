@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import ray
 
-from actors.judge_base import Judge, Params
+from actors.judges.base import Judge, Params
 from rvpo_async.config import JudgeSpec
 from rvpo_async.types import Prompt
 

@@ -1,6 +1,6 @@
 """The judge pool: every sample scored by K judges on Ray workers that scale apart from rollout.
 
-A `JudgeWorker` (actors/judge_worker.py) scores one sample per call, its K judges concurrently, each
+A `JudgeWorker` (actors/judges/worker.py) scores one sample per call, its K judges concurrently, each
 with its own deadline. The driver-side `JudgePool` queues one item per sample for the least-loaded live
 worker (at most `judges.concurrency` in flight each) and promises exactly K entries per submitted sample:
 a failed call (dead actor or anything else) or one past the pool deadline (slowest judge timeout +
@@ -19,8 +19,8 @@ from typing import Any
 
 import ray
 
-from actors.judge_worker import JudgeWorker, SampleScorer, create_judge_engines  # noqa: F401 (re-exported)
-from actors.judges import Builder, build_judge, masked
+from actors.judges.worker import JudgeWorker, SampleScorer, create_judge_engines  # noqa: F401 (re-exported)
+from actors.judges.factory import Builder, build_judge, masked
 from rvpo_async.autoscale import autoscale_target
 from rvpo_async.config import Config
 from rvpo_async.placement import actor_options

@@ -43,7 +43,7 @@ from rvpo_async.types import Prompt, RolloutGroup, Sample
 
 log = logging.getLogger("rvpo_async")
 
-WORKER_EXTENSION = "actors.weight_receiver.WeightReceiverExtension"
+WORKER_EXTENSION = "actors.rollout.weight_receiver.WeightReceiverExtension"
 WEIGHT_UPDATES = ("drain", "interrupt")
 
 

@@ -6,7 +6,7 @@ mixes two policy versions. Inside one generate call all prompts are in flight to
 batching), and a call returns when its longest response ends. A prompt may cap its own responses with
 meta["max_new_tokens"] (at most the engine's max_new_tokens).
 
-Weight updates arrive through `actors.weight_receiver` (a vLLM worker extension): a safetensors blob
+Weight updates arrive through `actors.rollout.weight_receiver` (a vLLM worker extension): a safetensors blob
 through Ray's object store, or flat buffers broadcast over a collective group. After each update the
 prefix cache is reset, or prompts longer than one KV block would reuse KV computed by the old weights.
 """
@@ -21,7 +21,7 @@ import ray
 from actors.vllm_engine import apply_vllm_env, check_request, make_llm
 from rvpo_async.types import Prompt, RolloutGroup, Sample
 
-WORKER_EXTENSION = "actors.weight_receiver.WeightReceiverExtension"
+WORKER_EXTENSION = "actors.rollout.weight_receiver.WeightReceiverExtension"
 
 
 class CallRollout:
@@ -46,7 +46,7 @@ class CallRollout:
                             gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes)
         self.tokenizer = self.llm.get_tokenizer()
         if weight_load != "repack":
-            from actors.weight_receiver import set_weight_load
+            from actors.rollout.weight_receiver import set_weight_load
 
             set_weight_load(self.llm, weight_load)
         self.generated_tokens = 0
@@ -111,7 +111,7 @@ class CallRollout:
     # ------------------------------------------------------------------ weights
     def update_weights(self, version: int, blob: bytes) -> int:
         """Load a safetensors blob of the full state dict; the engine then serves `version`."""
-        from actors.weight_receiver import load_blob
+        from actors.rollout.weight_receiver import load_blob
 
         load_blob(self.llm, blob)
         self.llm.reset_prefix_cache()
@@ -119,13 +119,13 @@ class CallRollout:
         return self.version
 
     def init_weight_group(self, master_addr: str, master_port: int, world_size: int, rank: int) -> None:
-        from actors.weight_receiver import init_group
+        from actors.rollout.weight_receiver import init_group
 
         init_group(self.llm, master_addr, master_port, world_size, rank)
 
     def receive_weights(self, version: int, meta: Any) -> int:
         """Receive a broadcast from learner rank 0 over the collective group (all members call together)."""
-        from actors.weight_receiver import receive_broadcast
+        from actors.rollout.weight_receiver import receive_broadcast
 
         receive_broadcast(self.llm, meta)
         self.llm.reset_prefix_cache()

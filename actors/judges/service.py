@@ -1,6 +1,6 @@
 """The judge pool as a Ray actor: rollout engines send it groups, and it writes reward entries into the buffer.
 
-`JudgeService` hosts one `JudgePool` (actors/judge_pool.py, with its guarantees: exactly K entries per
+`JudgeService` hosts one `JudgePool` (actors/judges/pool.py, with its guarantees: exactly K entries per
 sample, retries, deadlines, replaced workers) on the driver's node. A thread of its own moves groups from
 `submit` into the pool and every finished entry into the buffer actor (`set_rewards`), so no sample text or
 reward passes through the driver. The driver asks it for counts only: `stats`, the latency/status
@@ -25,7 +25,7 @@ log = logging.getLogger("rvpo_async")
 class JudgeService:
     def __init__(self, cfg: Config, engine_handles: dict[str, Any], buffer: Any, *,
                  extra_builders: dict[str, Any] | None = None) -> None:
-        from actors.judge_pool import JudgePool
+        from actors.judges.pool import JudgePool
 
         self._pool = JudgePool(cfg, engine_handles, extra_builders=extra_builders)
         self._buffer = buffer

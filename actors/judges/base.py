@@ -1,8 +1,8 @@
 """What every judge kind shares: the `Judge` and `SlotJudge` protocols (defined in rvpo_async.interfaces),
 the `Builder` signature, `Params` (a spec's params checked against what a kind accepts) and `masked` results.
 
-The rule judges and the factory (actors.judges) and the model judges (actors.llm_judge,
-actors.rubric_judge) all build on this module, and it on none of them.
+The rule judges and the factory (actors.judges.factory) and the model judges (actors.judges.llm,
+actors.judges.rubric) all build on this module, and it on none of them.
 """
 
 from __future__ import annotations

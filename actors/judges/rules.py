@@ -1,6 +1,6 @@
 """Rule judges: cheap, deterministic CPU checks of one response, each scoring [0, 1].
 
-Each `*_check` function takes its params first and `(prompt, text)` last; `actors/judges.py` validates a
+Each `*_check` function takes its params first and `(prompt, text)` last; `actors/judges/factory.py` validates a
 spec's params, binds them with `functools.partial` and wraps the result in a `RuleJudge`, which maps the
 [0, 1] score onto the judge's declared [low, high]. Nothing here needs Ray, a model or the network.
 """

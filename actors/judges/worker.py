@@ -2,7 +2,7 @@
 
 A `JudgeWorker` scores one sample per call, its K judges concurrently, each with its own deadline: a judge
 still running at its deadline gives a 'timeout' entry and the call returns without it. `JudgePool`
-(actors/judge_pool.py) queues samples onto these workers; `create_judge_engines` starts the `JudgeEngine`
+(actors/judges/pool.py) queues samples onto these workers; `create_judge_engines` starts the `JudgeEngine`
 actors that the 'llm' judges of every worker share.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import ray
 
-from actors.judges import Builder, SlotJudge, build_judge, evaluate, evaluate_slots, timed_out
-from actors.llm_judge import JudgeEngine
+from actors.judges.factory import Builder, SlotJudge, build_judge, evaluate, evaluate_slots, timed_out
+from actors.judges.llm import JudgeEngine
 from rvpo_async.config import Config, JudgeSpec
 from rvpo_async.placement import actor_options
 from rvpo_async.types import JudgeResult, Prompt

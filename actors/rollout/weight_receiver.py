@@ -20,7 +20,7 @@ Two ways to load (`rollout.weight_load`):
   generation where they dominate (larger models). On GPU nothing is repacked and the switch is a no-op.
 
 The module functions `load_blob`, `init_group`, `receive_broadcast` and `set_weight_load` are what
-`actors.rollout` calls. The bytes on the wire (the safetensors blob, the flat buckets, the gloo group) are
+`actors.rollout.call` calls. The bytes on the wire (the safetensors blob, the flat buckets, the gloo group) are
 rvpo_async.weight_format's, which the learner writes with.
 """
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import ray
 
-from actors.judge_base import Params, masked
-from actors.llm_judge import MODES, HTTPJudge, http_url, judge_question
+from actors.judges.base import Params, masked
+from actors.judges.llm import MODES, HTTPJudge, http_url, judge_question
 from rvpo_async.config import JudgeSpec
 from rvpo_async.rubric import DEFAULT_MAX_ITEMS, from_meta
 from rvpo_async.types import JudgeResult, Prompt
