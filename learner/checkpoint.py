@@ -35,6 +35,8 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 import torch
 
+from rvpo_async.fileio import atomic_write
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -106,12 +108,7 @@ def begin(root: str | Path, step: int) -> Path:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST)
+    atomic_write(root / LATEST, name + "\n")
     _fsync(root)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from rvpo_async.fileio import atomic_write
+
 JUDGE_NAMES_KEY = b"rvpo.judge_names"
 GROUP_SIZE_KEY = b"rvpo.group_size"
 LEDGER_NAME = "ledger.json"
@@ -49,15 +51,6 @@ def group_file_name(seq: int, group_id: int) -> str:
     return f"group-{seq:012d}-{group_id}.arrow"
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def open_fresh(persist_dir: str) -> None:
     """Create persist_dir if needed; refuse one holding scored group files from an earlier run."""
     os.makedirs(persist_dir, exist_ok=True)
@@ -73,7 +66,7 @@ def write_group_file(persist_dir: str, name: str, group_id: int, schema: pa.Sche
     with ipc.new_file(sink, schema) as w:
         w.write_batch(batch)
     try:
-        _atomic_write(path, sink.getvalue().to_pybytes())
+        atomic_write(path, sink.getvalue().to_pybytes())
     except OSError as e:
         raise OSError(f"cannot persist scored group {group_id} to {path}: {e}") from e
 
@@ -81,7 +74,7 @@ def write_group_file(persist_dir: str, name: str, group_id: int, schema: pa.Sche
 def write_ledger(persist_dir: str, left: dict[str, str], state: dict[str, Any]) -> None:
     """Replace the ledger: `left` maps files of groups that left to why, `state` is GroupBuffer.state_dict()."""
     doc = {"left": left, **state}
-    _atomic_write(os.path.join(persist_dir, LEDGER_NAME), json.dumps(doc).encode())
+    atomic_write(os.path.join(persist_dir, LEDGER_NAME), json.dumps(doc).encode())
 
 
 def delete_left(persist_dir: str, due: dict[str, str]) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from rvpo_async.config import Config, ConfigError, from_dict, load_config
+from rvpo_async.fileio import atomic_write
 from rvpo_async.study_stats import study_summary
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -185,9 +186,7 @@ def _write_progress(out: Path, runs: Sequence[PlannedRun], status: dict[tuple[st
            "counts": {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))},
            "runs": [{"variant": r.variant, "seed": r.seed, "dir": str(r.run_dir), "status": status[(r.variant, r.seed)]}
                     for r in runs]}
-    tmp = out / "progress.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(out / "progress.json")
+    atomic_write(out / "progress.json", json.dumps(doc, indent=2) + "\n")
 
 
 def execute(runs: Sequence[PlannedRun], out: Path, runner: Runner) -> Iterator[tuple[PlannedRun, str]]:

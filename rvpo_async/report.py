@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from rvpo_async.fileio import atomic_write
 
 
 class StepLog:
@@ -23,7 +24,7 @@ class StepLog:
             self.rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
             if through_step is not None and any(r.get("step", 0) > through_step for r in self.rows):
                 self.rows = [r for r in self.rows if r.get("step", 0) <= through_step]
-                _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+                atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._fh = open(self.path, "a" if append else "w")
 
     def write(self, row: dict[str, Any]) -> None:
@@ -35,12 +36,6 @@ class StepLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def eval_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,7 +102,7 @@ def summarise(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], *, mo
 
 def write_reports(run_dir: Path, report: dict[str, Any], rows: Sequence[dict[str, Any]],
                   reward_names: Sequence[str]) -> None:
-    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     lines = [
         f"# rvpo-async run: {report['mode']} / {report['aggregator']}",
         "",
@@ -131,7 +126,7 @@ def write_reports(run_dir: Path, report: dict[str, Any], rows: Sequence[dict[str
     lines += ["", "Plots: `rewards.png` (each reward over steps), `inter_variance.png` (inter-reward variance).", ""]
     if report.get("eval"):
         lines += eval_lines(report["eval"], reward_names)
-    _atomic_write(run_dir / "report.md", "\n".join(lines))
+    atomic_write(run_dir / "report.md", "\n".join(lines))
     plot_run(run_dir, train_rows(rows), reward_names)
     if eval_rows(rows):
         plot_eval(run_dir, eval_rows(rows), reward_names)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from rvpo_async.config import Config
+from rvpo_async.fileio import brief_error
 from rvpo_async.rubric_view import RUBRIC_ROW_KEYS, RubricView
 from rvpo_async.rubric_view import nan_or as _nan
 from rvpo_async.run_state import RunState
@@ -26,9 +27,7 @@ log = logging.getLogger("rvpo_async")
 
 
 def describe_actor_error(name: str, err: BaseException) -> str:
-    cause = getattr(err, "cause", None) or err
-    text = str(cause).strip().splitlines()
-    return f"actor '{name}' failed: {type(cause).__name__}: {text[-1] if text else ''}"
+    return f"actor '{name}' failed: {brief_error(getattr(err, 'cause', None) or err, limit=10_000)}"
 
 
 class ActorDied(RuntimeError):

@@ -23,6 +23,7 @@ from actors.judges.worker import JudgeWorker, SampleScorer, create_judge_engines
 from actors.judges.factory import Builder, build_judge, masked
 from rvpo_async.autoscale import autoscale_target
 from rvpo_async.config import Config
+from rvpo_async.fileio import brief_error
 from rvpo_async.placement import actor_options
 from rvpo_async.types import JudgeResult, Prompt, RolloutGroup
 
@@ -216,7 +217,7 @@ class JudgePool:
             try:
                 ray.get(ref)
             except Exception as e:
-                self._lose_worker(wid, f"judge worker {wid} failed to start: {_brief(e)}")
+                self._lose_worker(wid, f"judge worker {wid} failed to start: {brief_error(e)}")
                 return
             if (w := self._workers.get(wid)) is not None:
                 w.was_live = True
@@ -231,10 +232,10 @@ class JudgePool:
         try:
             results = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            self._lose_worker(call.wid, f"judge worker {call.wid} died: {_brief(e)}")
-            return self._retry(call.item, f"judge worker died: {_brief(e)}", "error", out)
+            self._lose_worker(call.wid, f"judge worker {call.wid} died: {brief_error(e)}")
+            return self._retry(call.item, f"judge worker died: {brief_error(e)}", "error", out)
         except Exception as e:
-            return self._retry(call.item, f"judge worker call failed: {_brief(e)}", "error", out)
+            return self._retry(call.item, f"judge worker call failed: {brief_error(e)}", "error", out)
         if len(results) != len(self._names):
             return self._retry(call.item, f"judge worker returned {len(results)} entries, "
                                           f"expected {len(self._names)}", "error", out)
@@ -316,11 +317,6 @@ def _summary(xs: list[float]) -> dict[str, float]:
     q = lambda f: s[min(len(s) - 1, int(f * len(s)))] if s else 0.0  # noqa: E731
     return {"count": len(s), "mean": statistics.fmean(s) if s else 0.0, "p50": q(0.5), "p95": q(0.95),
             "max": s[-1] if s else 0.0}
-
-
-def _brief(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"[:300]
 
 
 def _kill(handle: Any) -> None:
