@@ -235,8 +235,9 @@ def batch_normalize(a: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
 def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0, weights: Weights = None,
                beta: float = 0.5,
                batch_norm: bool = True, eps: float = DEFAULT_EPS,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, G, K] rewards -> [B, G] sequence-level advantages.
+               mask: torch.Tensor | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, G, K] rewards -> [B, G] sequence-level advantages. `z`: the rewards' group z-scores
+    (`group_normalize(rewards, eps, mask)`) when the caller has them already (a step needs them twice).
 
     `mean` is GRPO (group-normalised weighted sum, never batch-normalised); the other methods
     group-normalise each reward, aggregate, then batch-normalise when `batch_norm`. `weights`: [K], [B, K]
@@ -253,13 +254,14 @@ def advantages(rewards: torch.Tensor, method: str, *, k_risk: float = 1.0, weigh
         filled = torch.where(valid, rewards, gmean.expand_as(rewards))
         s = (filled * w).sum(-1, keepdim=True)  # [B, G, 1]
         return group_normalize(s, eps=eps).squeeze(-1)  # GRPO: no batch normalisation
-    z = group_normalize(rewards, eps=eps, mask=mask)
+    z = group_normalize(rewards, eps=eps, mask=mask) if z is None else z
     a = aggregate(z, method, k_risk=k_risk, weights=weights, beta=beta, mask=mask, rewards=rewards)
     return batch_normalize(a, eps) if batch_norm else a
 
 
 def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
-                       mask: torch.Tensor | None = None, met_at: float = 0.5) -> dict[str, torch.Tensor]:
+                       mask: torch.Tensor | None = None, met_at: float = 0.5,
+                       z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-step statistics of ALGORITHM.md section 4 ([B, G, K] in).
 
     mean/std per reward (over valid entries), inter-reward variance var_k(Z) averaged over responses,
@@ -268,6 +270,7 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     and worst_mean: each response's lowest valid raw reward, averaged over responses (the constraint-
     neglect measure: 1 only when every response meets every reward; meaningful when judges share a range),
     and all_met_share: the share of those responses whose every valid raw reward is met (>= `met_at`).
+    `z`: the group z-scores when the caller has them already, as in `advantages`.
     """
     valid = _valid(rewards, mask)
     vf = valid.to(rewards.dtype)
@@ -275,7 +278,7 @@ def reward_diagnostics(rewards: torch.Tensor, eps: float = DEFAULT_EPS,
     n = vf.sum((0, 1)).clamp_min(1)
     mean = r0.sum((0, 1)) / n
     std = (((r0 - mean) ** 2 * vf).sum((0, 1)) / n).sqrt()
-    z = group_normalize(rewards, eps=eps, mask=mask)
+    z = group_normalize(rewards, eps=eps, mask=mask) if z is None else z
     # inter-reward variance and bottleneck over the valid rewards of each response only: a masked
     # entry's Z = 0 is a placeholder, not a score; responses with no valid reward are left out
     nk = vf.sum(-1)  # [B, G]

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from rvpo_async.algo import advantages, reward_diagnostics
+from rvpo_async.algo import advantages, group_normalize, reward_diagnostics
 from rvpo_async.buffer_torch import to_torch
 from rvpo_async.config import AlgoConfig, Config
 from rvpo_async.rubric_view import RubricView
@@ -57,6 +57,7 @@ class PreparedStep:
     learner_version: int  # the learner's version before the step
     algo: AlgoConfig
     rubric: RubricView
+    z: Any = None  # the rewards' group z-scores (float64), computed once for the advantages and the diagnostics
 
     def info(self) -> dict[str, Any]:
         """The step summary: everything Stepper.train_on returns apart from the learner's stats, the new
@@ -64,7 +65,7 @@ class PreparedStep:
         (learner_version + 1): a group sampled by version v trained into version V+1 has staleness V - v."""
         batch, table = self.batch, self.table
         rewards, mask = batch["rewards"], batch["reward_mask"]
-        diag = reward_diagnostics(rewards.double(), eps=self.algo.eps, mask=mask)
+        diag = reward_diagnostics(rewards.double(), eps=self.algo.eps, mask=mask, z=self.z)
         digest = hashlib.sha256()
         for col in DIGEST_COLUMNS:
             digest.update(repr(table.column(col).to_pylist()).encode())
@@ -98,11 +99,12 @@ def build_step(table: pa.Table, *, pad_id: int, algo: AlgoConfig, learner_versio
     # the learner's version counts the optimizer steps taken, resumed runs included
     k_risk = k_risk_at(int(learner_version), algo, total_steps)
     prompt_ids = table.column("prompt_id").to_pylist()[::rewards.shape[1]]  # one per group
+    z = group_normalize(rewards.double(), eps=algo.eps, mask=mask)
     adv = advantages(rewards.double(), algo.aggregator, k_risk=k_risk, weights=rubric.weights(prompt_ids),
-                     beta=algo.beta, batch_norm=algo.batch_norm, eps=algo.eps, mask=mask)
+                     beta=algo.beta, batch_norm=algo.batch_norm, eps=algo.eps, mask=mask, z=z)
     batch["advantages"] = adv.reshape(-1).float()
     return PreparedStep(table=table, batch=batch, prompt_ids=prompt_ids, k_risk=k_risk,
-                        learner_version=int(learner_version), algo=algo, rubric=rubric)
+                        learner_version=int(learner_version), algo=algo, rubric=rubric, z=z)
 
 
 def prepare_step(table: pa.Table, *, pad_id: int, algo: AlgoConfig, learner_version: int, total_steps: int,

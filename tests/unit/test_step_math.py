@@ -167,6 +167,28 @@ def test_the_advantages_match_the_float64_reference_with_the_masked_entries(name
     assert batch["advantages"].dtype == torch.float32 and batch["advantages"].shape == (2 * G,)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_step_group_normalizes_its_rewards_once(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The advantages and the diagnostics share the step's group z-scores (and still equal the old inline
+    computation, above)."""
+    import rvpo_async.algo as algo
+    import rvpo_async.step_math as step_math
+
+    calls = []
+    real = algo.group_normalize
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(algo, "group_normalize", counting)
+    monkeypatch.setattr(step_math, "group_normalize", counting)
+    cfg = load_config(None, CONFIGS[name])
+    prepare_step(make_table(cfg), pad_id=0, algo=cfg.algo, learner_version=1, total_steps=cfg.run.steps,
+                 rubric=RubricView(cfg, make_prompts()))
+    assert len(calls) == 1, calls
+
+
 def test_the_digest_hashes_the_sorted_rows_and_ignores_the_pull_order() -> None:
     cfg = load_config(None, [RULES])
     rubric = RubricView(cfg, make_prompts())
