@@ -14,54 +14,31 @@ The modules are imported only when their benchmark runs.
 
 from __future__ import annotations
 
+import importlib
+import time
 from typing import Callable, Sequence
 
-
-def _bench_algo(argv: Sequence[str]) -> int:
-    from rvpo_async.bench.algo import bench_algo
-
-    return bench_algo(argv)
-
-
-def _bench_buffer(argv: Sequence[str]) -> int:
-    from rvpo_async.bench.buffer import bench_buffer
-
-    return bench_buffer(argv)
-
-
-def _bench_rollout(argv: Sequence[str]) -> int:
-    from rvpo_async.bench.rollout import bench_rollout
-
-    return bench_rollout(argv)
-
-
-def _bench_sync(argv: Sequence[str]) -> int:
-    from rvpo_async.bench.sync import bench_sync
-
-    return bench_sync(argv)
-
-
-def _bench_pipeline(argv: Sequence[str]) -> int:
-    from rvpo_async.bench.pipeline import bench_pipeline
-
-    return bench_pipeline(argv)
-
-
-def _bench_trl(argv: Sequence[str]) -> int:
-    from rvpo_async.bench.trl import bench_trl
-
-    return bench_trl(argv)
-
-
-BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
-    "algo": _bench_algo,
-    "buffer": _bench_buffer,
-    "rollout": _bench_rollout,
-    "sync": _bench_sync,
-    "pipeline": _bench_pipeline,
-    "trl": _bench_trl,
+# subcommand -> (module, function taking argv and returning an exit code)
+BENCHES: dict[str, tuple[str, str]] = {
+    "algo": ("rvpo_async.bench.algo", "bench_algo"),
+    "buffer": ("rvpo_async.bench.buffer", "bench_buffer"),
+    "rollout": ("rvpo_async.bench.rollout", "bench_rollout"),
+    "sync": ("rvpo_async.bench.sync", "bench_sync"),
+    "pipeline": ("rvpo_async.bench.pipeline", "bench_pipeline"),
+    "trl": ("rvpo_async.bench.trl", "bench_trl"),
 }
 
 
 def run(what: str, argv: Sequence[str]) -> int:
-    return BENCHES[what](list(argv))
+    module, fn = BENCHES[what]
+    return getattr(importlib.import_module(module), fn)(list(argv))
+
+
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    """The shortest of `repeat` timed calls of `fn`, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best

@@ -4,19 +4,11 @@ same process."""
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-
-def _best_of(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from rvpo_async.bench import best_of
 
 
 def bench_algo(argv: Sequence[str]) -> int:
@@ -48,8 +40,8 @@ def bench_algo(argv: Sequence[str]) -> int:
     got = torch_fn().double().numpy()
     err = float(np.abs(ref - got).max())
     torch_fn()  # warm-up
-    t_torch = _best_of(torch_fn, a.repeat)
-    t_loop = _best_of(loop_fn, max(1, a.repeat // 2))
+    t_torch = best_of(torch_fn, a.repeat)
+    t_loop = best_of(loop_fn, max(1, a.repeat // 2))
     print(f"RVPO advantages, B={a.groups} groups x G={a.group_size} x K={a.rewards} rewards, CPU, 1 thread")
     print(f"  torch (rvpo_async.algo.advantages): {t_torch * 1e3:9.2f} ms")
     print(f"  per-group Python/NumPy loop:        {t_loop * 1e3:9.2f} ms")

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from rvpo_async.bench import best_of
+
 
 def build_bench_model(out: Path, *, hidden: int, layers: int, vocab: int, seed: int = 0) -> int:
     """A random Qwen2 (the tiny model's tokenizer, a wider and deeper body); returns its fp32 bytes."""
@@ -46,21 +48,11 @@ def memcpy_seconds(nbytes: int, repeat: int) -> float:
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in before timing
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_of(lambda: dst.copy_(src), repeat)
 
 
 def _time_reload(worker: Any, blob: Any, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        worker.rvpo_load_blob(blob)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_of(lambda: worker.rvpo_load_blob(blob), repeat)
 
 
 def _time_repack(worker: Any, repeat: int) -> tuple[float, int]:
@@ -69,13 +61,7 @@ def _time_repack(worker: Any, repeat: int) -> tuple[float, int]:
     from vllm import _custom_ops as ops
 
     mods = [m for m in worker.model_runner.get_model().modules() if hasattr(m, "cpu_linear")]
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for m in mods:
-            ops.create_onednn_mm(m.weight.t(), 32)
-        best = min(best, time.perf_counter() - t)
-    return best, len(mods)
+    return best_of(lambda: [ops.create_onednn_mm(m.weight.t(), 32) for m in mods], repeat), len(mods)
 
 
 def engine_breakdown(model_dir: Path, nbytes: int, repeat: int) -> None:
