@@ -5,6 +5,9 @@ RaR: `rubric: [{title, description, weight}]`). The `rubric` judge kind grades c
 into reward slot j of `max_items` fixed slots named `<judge>/00`, `<judge>/01`, ...; slots the prompt
 lacks are masked with status 'absent'. A criterion with negative points is a pitfall: the judge asks
 whether the response shows it, and the slot scores 1 - p, so 1 always means "met" (pitfall avoided).
+A criterion may carry a `check`, a rule that grades it in place of the LLM judge tier (a verifiable
+criterion, as in IFEval): {"kind": <a rule judge kind>, "params": {...}}, scoring 1 when the response does what
+the criterion says (a pitfall's check finds the pitfall; the slot then scores 1 - that).
 
 Pure: no ray, vllm or torch. The loader (rvpo_async.task) and the judge (actors/judges/rubric.py) share
 `parse_rubric`; the driver uses `rubric_stats`.
@@ -20,7 +23,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 DEFAULT_MAX_ITEMS = 17
-META_KEY = "rubric"  # a loaded prompt's criteria: meta["rubric"] = [{"criterion": str, "points": float}]
+META_KEY = "rubric"  # a loaded prompt's criteria: meta["rubric"] = [{"criterion": str, "points": float[, "check"]}]
+CHECK_KEY = "check"  # a criterion's rule: {"kind": str, "params": {...}}
 DROPPED_KEY = "rubric_dropped"  # criteria beyond max_items dropped from this prompt (overflow: drop)
 MET = 0.5  # a slot's score at or above this counts as met
 Overflow = Literal["error", "drop"]
@@ -34,10 +38,16 @@ class RubricError(ValueError):
 class Criterion:
     text: str
     points: float  # < 0: a pitfall
+    check: dict[str, Any] | None = None  # a rule grading it ({"kind", "params"}); None: the LLM judge tier
 
     @property
     def pitfall(self) -> bool:
         return self.points < 0
+
+
+def rubric_without_engine(spec: Any) -> bool:
+    """A rubric judge spec with `engine: null` and no HTTP judge: only criteria with a check can be graded."""
+    return "engine" in spec.params and spec.params["engine"] is None and spec.params.get("base_url") is None
 
 
 def slot_names(judge_name: str, max_items: int) -> list[str]:
@@ -71,6 +81,22 @@ def _points(item: dict[str, Any], field: str, weight_key: str) -> float:
     return 1.0
 
 
+def _check(item: dict[str, Any], field: str) -> dict[str, Any] | None:
+    """The item's rule, shape-checked ({"kind": str, "params": mapping}); its params are checked by the
+    loader, which builds it (actors.judges.factory.build_check)."""
+    if CHECK_KEY not in item:
+        return None
+    v = item[CHECK_KEY]
+    if not isinstance(v, dict) or not isinstance(v.get("kind"), str) or not v["kind"]:
+        raise RubricError(f"field '{field}' item: '{CHECK_KEY}' must be a mapping with a rule kind, "
+                          f"{{kind: ..., params: {{...}}}}, got {v!r}")
+    extra = sorted(set(v) - {"kind", "params"})
+    params = v.get("params", {})
+    if extra or not isinstance(params, dict):
+        raise RubricError(f"field '{field}' item: '{CHECK_KEY}' takes 'kind' and a 'params' mapping only, got {v!r}")
+    return {"kind": v["kind"], "params": dict(params)}
+
+
 def parse_rubric(value: Any, field: str = "rubric", *, criterion_key: str = "criterion",
                  weight_key: str = "points", max_items: int | None = None,
                  overflow: Overflow = "error") -> tuple[list[Criterion], int]:
@@ -87,7 +113,8 @@ def parse_rubric(value: Any, field: str = "rubric", *, criterion_key: str = "cri
             if isinstance(item, str) and item.strip():
                 out.append(Criterion(item.strip(), 1.0))
             elif isinstance(item, dict):
-                out.append(Criterion(_text(item, field, criterion_key), _points(item, field, weight_key)))
+                out.append(Criterion(_text(item, field, criterion_key), _points(item, field, weight_key),
+                                     _check(item, field)))
             else:
                 raise RubricError(f"field '{field}' item: must be a string or a mapping, got {item!r}")
         except RubricError as e:
@@ -104,12 +131,13 @@ def parse_rubric(value: Any, field: str = "rubric", *, criterion_key: str = "cri
 
 
 def as_meta(criteria: Sequence[Criterion]) -> list[dict[str, Any]]:
-    return [{"criterion": c.text, "points": c.points} for c in criteria]
+    return [{"criterion": c.text, "points": c.points, **({CHECK_KEY: c.check} if c.check else {})}
+            for c in criteria]
 
 
 def from_meta(meta: dict[str, Any]) -> list[Criterion]:
     """The criteria a loaded prompt carries (empty when it has none)."""
-    return [Criterion(str(c["criterion"]), float(c["points"])) for c in meta.get(META_KEY) or []]
+    return [Criterion(str(c["criterion"]), float(c["points"]), c.get(CHECK_KEY)) for c in meta.get(META_KEY) or []]
 
 
 def points_matrix(prompt_criteria: Sequence[Sequence[Criterion]], max_items: int) -> np.ndarray:

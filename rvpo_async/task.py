@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rvpo_async.config import Config
-from rvpo_async.rubric import DROPPED_KEY, Overflow, RubricError, as_meta, parse_rubric
+from rvpo_async.rubric import DROPPED_KEY, Criterion, Overflow, RubricError, as_meta, parse_rubric
 from rvpo_async.rubric import META_KEY as RUBRIC_META
+from rvpo_async.rubric import rubric_without_engine
 from rvpo_async.types import Prompt
 
 log = logging.getLogger("rvpo_async")
@@ -116,11 +117,13 @@ def _drop_none(v: Any) -> Any:
 
 def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str = "rubric",
                  criterion_key: str = "criterion", weight_key: str = "points", rubric_max_items: int | None = None,
-                 rubric_overflow: Overflow = "error", need_rubric: bool = False) -> list[dict[str, Any]]:
+                 rubric_overflow: Overflow = "error", need_rubric: bool = False,
+                 need_checks: bool = False) -> list[dict[str, Any]]:
     """Rows {id, prompt, meta} of a prompts source. Fields other than id and the prompt stay in meta
     for the judges. With `need_rubric` (a rubric judge is configured) every row needs a rubric (under
     `rubric_field`, or HealthBench's `rubrics`), checked and stored as meta["rubric"] = [{criterion, points}].
-    Errors name the file, the row (or line) and the field."""
+    A criterion's `check` is built here, so a bad rule fails the load; with `need_checks` (a rubric judge
+    with no LLM engine) every criterion needs one. Errors name the file, the row (or line) and the field."""
     p = Path(path)
     if not p.exists():
         packaged = Path(__file__).resolve().parent.parent / path  # rvpo_async/data/... from any directory
@@ -147,6 +150,7 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
                                                  overflow=rubric_overflow)
             except RubricError as e:
                 raise PromptFileError(f"{where} (id {obj.get('id', '?')}): {e}") from None
+            _check_rules(criteria, need_checks, f"{where} (id {obj.get('id', '?')}): field '{rfield}'")
             meta[RUBRIC_META] = as_meta(criteria)
             if dropped:
                 meta[DROPPED_KEY] = dropped
@@ -159,13 +163,28 @@ def file_prompts(path: str, *, prompt_field: str = "prompt", rubric_field: str =
     return rows
 
 
+def _check_rules(criteria: list[Criterion], need_checks: bool, where: str) -> None:
+    from actors.judges.rule_builders import build_check  # pure; deferred so that this module's imports stay small
+
+    for i, c in enumerate(criteria):
+        if c.check is None:
+            if need_checks:
+                raise PromptFileError(f"{where}[{i}] has no 'check', and the rubric judge has no LLM engine "
+                                      f"(params.engine: null) to grade it: {c.text!r}")
+            continue
+        try:
+            build_check(c.check)
+        except ValueError as e:
+            raise PromptFileError(f"{where}[{i}] check: {e}") from None
+
+
 def file_rows(cfg: Config, path: str) -> list[dict[str, Any]]:
     """`file_prompts` of `path` with the configured field mapping and the rubric judge's limits."""
     t, spec = cfg.task, cfg.rubric_spec
     rows = file_prompts(path, prompt_field=t.prompt_field, rubric_field=t.rubric_field, criterion_key=t.criterion_key,
                         weight_key=t.weight_key, rubric_max_items=len(spec.slot_names) if spec else None,
                         rubric_overflow=spec.params.get("overflow", "error") if spec else "error",
-                        need_rubric=spec is not None)
+                        need_rubric=spec is not None, need_checks=spec is not None and rubric_without_engine(spec))
     dropped = [r["meta"][DROPPED_KEY] for r in rows if DROPPED_KEY in r["meta"]]
     if dropped:
         log.warning("%s: %d criteria of %d prompt(s) beyond the rubric judge's max_items were dropped "

@@ -1,7 +1,9 @@
 """The 'rubric' judge kind: every criterion of the prompt's own rubric graded by the LLM judge tier.
 
 params: {engine: <judge engine name>, mode: yesno|grade, max_items: 17, overflow: error|drop}, or, in place
-of `engine`, the HTTP judge's {base_url, model, api_key_env}. The judge fills `max_items` reward slots
+of `engine`, the HTTP judge's {base_url, model, api_key_env}. A criterion with a `check` (rvpo_async.rubric) is
+graded by that rule, in place, with no judge request; `engine: null` starts no LLM tier, and then every
+criterion needs a check (the prompt loader refuses a row without one). The judge fills `max_items` reward slots
 (`<name>/00` ...): criterion j of the prompt -> slot j, one judge request per (response, criterion), all sent
 at once so the engine batches them (continuous batching: every request in flight shares its steps). Each criterion
 has its own deadline: one that misses it masks only its slot ('timeout'). Slots the prompt does not have
@@ -16,15 +18,18 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from actors.judges.base import Params, masked
+from actors.judges.rule_builders import build_check
+from actors.judges.rules import RuleJudge
 from actors.judges.llm import MODES, HTTPJudge, http_url, judge_question
 from rvpo_async.config import JudgeSpec
-from rvpo_async.rubric import DEFAULT_MAX_ITEMS, from_meta
+from rvpo_async.rubric import DEFAULT_MAX_ITEMS, Criterion, from_meta
 from rvpo_async.types import JudgeResult, Prompt
 
 # questions and mode in, one future per question out (a grade in [0, 1], NaN when unparseable)
@@ -71,6 +76,12 @@ def _first(src: Future, dst: Future) -> None:
         dst.set_exception(e)
 
 
+def _failed(e: BaseException) -> Future[float]:
+    fut: Future[float] = Future()
+    fut.set_exception(e)
+    return fut
+
+
 def _cancel(ref: Any) -> None:
     try:
         ray.cancel(ref)
@@ -83,28 +94,34 @@ class RubricJudge:
     name: str
     slots: int  # max_items
     mode: str
-    ask: Asker
+    ask: Asker | None  # None: no LLM tier (engine: null), only criteria with a check are graded
     timeout_s: float
     low: float = 0.0
     high: float = 1.0
+    rules: dict[str, RuleJudge] = field(default_factory=dict, compare=False)  # built checks, by rule
 
     def score_all(self, prompt: Prompt, sample_text: str) -> list[JudgeResult]:
         """One entry per slot; never raises."""
         t0 = time.perf_counter()
         criteria = from_meta(prompt.meta)[:self.slots]
-        futs: list[Future[float]] = []
+        asked = [j for j, c in enumerate(criteria) if c.check is None]
+        futs: dict[int, Future[float]] = {}
         try:
-            if criteria:
-                futs = self.ask([judge_question(c.text, prompt.text, sample_text, self.mode) for c in criteria],
-                                self.mode)
-        except Exception as e:  # the judge tier refused every question: every present slot says why
-            fail = masked("error", f"judge '{self.name}': could not send the criteria: {type(e).__name__}: {e}",
-                          time.perf_counter() - t0)
-            return [fail] * len(criteria) + self._absent(len(criteria))
-        wait_futures(futs, timeout=self.timeout_s)
+            if asked and self.ask is None:
+                raise ValueError("the criterion has no check and this judge has no LLM engine (engine: null)")
+            if asked:
+                questions = [judge_question(criteria[j].text, prompt.text, sample_text, self.mode) for j in asked]
+                futs = dict(zip(asked, self.ask(questions, self.mode)))  # type: ignore[misc]
+        except Exception as e:  # the judge tier refused the questions: every asked slot says why
+            futs = {j: _failed(ValueError(f"could not send the criteria: {type(e).__name__}: {e}")) for j in asked}
+        checked = [self._checked(j, c, prompt, sample_text) for j, c in enumerate(criteria) if c.check is not None]
+        wait_futures(list(futs.values()), timeout=self.timeout_s)
         out = []
-        for j, (c, fut) in enumerate(zip(criteria, futs)):
-            latency = time.perf_counter() - t0
+        for j, c in enumerate(criteria):
+            if c.check is not None:
+                out.append(checked.pop(0))
+                continue
+            fut, latency = futs[j], time.perf_counter() - t0
             if not fut.done():
                 fut.cancel()
                 out.append(masked("timeout", f"judge '{self.name}' criterion {j}: no grade within its deadline "
@@ -114,6 +131,19 @@ class RubricJudge:
             else:
                 out.append(self._entry(j, c.pitfall, fut.result(), latency))
         return out + self._absent(len(criteria))
+
+    def _checked(self, j: int, c: Criterion, prompt: Prompt, text: str) -> JudgeResult:
+        """Criterion j graded by its own rule (built once per distinct rule)."""
+        key = json.dumps(c.check, sort_keys=True)
+        if key not in self.rules:
+            self.rules[key] = build_check(c.check or {}, f"{self.name}/{j:02d}")
+        t0 = time.perf_counter()
+        try:
+            value = self.rules[key].score(prompt, text)
+        except Exception as e:  # a failing check masks only its slot
+            return masked("error", f"judge '{self.name}' criterion {j} check: {type(e).__name__}: {e}",
+                          time.perf_counter() - t0)
+        return self._entry(j, c.pitfall, value, time.perf_counter() - t0)
 
     def _entry(self, j: int, pitfall: bool, value: Any, latency: float) -> JudgeResult:
         v = float(value) if isinstance(value, (int, float)) else math.nan
@@ -132,11 +162,11 @@ def build_rubric_judge(spec: JudgeSpec, deps: Mapping[str, Any]) -> RubricJudge:
     p.choice("overflow", ["error", "drop"])  # applied by the prompt loader
     slots = int(p.number("max_items", minimum=1, integer=True))
     timeout = float(spec.timeout_s or deps.get("default_timeout_s") or 10.0)
-    ask: Asker
+    ask: Asker | None = None
     if p.values["base_url"] is not None:
         judge = HTTPJudge(spec.name, http_url(p), p.text("model"), "", mode, p.text("api_key_env"), timeout)
         ask = HTTPAsker(judge)
-    else:
+    elif p.values["engine"] is not None:
         engines: Mapping[str, Any] = deps.get("engine_handles") or {}
         name = p.text("engine")
         if name not in engines:

@@ -19,6 +19,7 @@ from actors.judges.factory import Builder, SlotJudge, build_judge, evaluate, eva
 from actors.judges.llm import JudgeEngine
 from rvpo_async.config import Config, JudgeSpec
 from rvpo_async.placement import actor_options
+from rvpo_async.rubric import rubric_without_engine
 from rvpo_async.types import JudgeResult, Prompt
 
 
@@ -66,12 +67,19 @@ class SampleScorer:
 JudgeWorker = ray.remote(SampleScorer)
 
 
+def judge_engine_names(cfg: Config) -> list[str]:
+    """The judge engines the specs name: each 'llm' judge's, and a rubric judge's unless it asks an HTTP
+    judge or has no LLM tier (`engine: null`, every criterion graded by its check)."""
+    return sorted({s.params.get("engine", "default") for s in cfg.judges.specs
+                   if s.kind == "llm" or (s.kind == "rubric" and s.params.get("base_url") is None
+                                          and not rubric_without_engine(s))})
+
+
 def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> dict[str, Any]:
     """One JudgeEngine per distinct `engine` param among the 'llm' judge specs, each serving the judge model
     of `judges.engine` (`model_path`, the policy's starting model, when that names none). Waits until each
     has loaded its model (`wait`), so no judge's first deadline is spent on startup."""
-    names = sorted({s.params.get("engine", "default") for s in cfg.judges.specs
-                    if s.kind == "llm" or (s.kind == "rubric" and s.params.get("base_url") is None)})
+    names = judge_engine_names(cfg)
     judge_model = cfg.judges.engine
     path = judge_model.model_path or model_path
     max_len = judge_model.max_model_len or cfg.model.max_model_len

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
 PORTS = range(24200, 24260)  # this file's loopback ports (metrics endpoint, learner rendezvous)
 SMOLLM2 = ".cache/smollm2-135m"
-CONFIGS = ["tiny-cpu-frequent.yaml", "smollm2-cpu.yaml", "tiny-cpu-rubric-smollm2.yaml"]
+CONFIGS = ["tiny-cpu-frequent.yaml", "smollm2-cpu.yaml", "tiny-cpu-rubric-smollm2.yaml", "tiny-cpu-rubric-rules.yaml"]
 
 
 def _stand_in(cfg_path: Path, tiny: str) -> list[str]:

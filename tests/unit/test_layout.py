@@ -34,7 +34,7 @@ PURE = (
     "rvpo_async.run_state", "rvpo_async.schedule", "rvpo_async.staleness", "rvpo_async.step_math",
     "rvpo_async.study_stats", "rvpo_async.task", "rvpo_async.types", "rvpo_async.weight_format",
     "rvpo_async.interfaces", "rvpo_async.fileio",
-    "actors.judges.base", "actors.judges.factory", "actors.judges.rules", "actors.rollout.weight_receiver",
+    "actors.judges.base", "actors.judges.factory", "actors.judges.rules", "actors.judges.rule_builders", "actors.rollout.weight_receiver",
     "learner.checkpoint", "rvpo_async.loss", "rvpo_async.reference",
 )
 
