@@ -1,4 +1,6 @@
-"""`rvpo-async compare` on the real stack (vLLM CPU engine, DeepSpeed, Ray, rule judges), kept tiny."""
+"""`rvpo-async compare` on the real stack (vLLM CPU engine, DeepSpeed, Ray, judges), kept tiny, on the verifiable
+rubric task (configs/tiny-cpu-rubric-rules.yaml: per-prompt rubrics of 3-17 criteria graded by their checks), so
+that the study's rubric measures and its reward slots that some steps lack are exercised too."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from ports import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu-rubric-rules.yaml")
 SMALL = ["run.steps=2", "rollout.group_size=4", "rollout.groups_per_step=2", "rollout.max_new_tokens=8",
          "judges.num_workers=1", "metrics.enabled=false", "run.progress=false", "learner.micro_batch_size=8",
          "checkpoint.every=0"]
@@ -33,9 +35,9 @@ def test_study_runs_every_variant_then_recomputes_nothing(tmp_path, tiny_model_d
         report = json.loads((out / name / "seed0" / "report.json").read_text())
         assert report["steps"] == 2
     assert json.loads((out / "rvpo-focus" / "seed0" / "report.json").read_text())["aggregator"] == "rvpo_focus"
-    assert {"reward/keyword", "worst_reward_mean"} <= set(study["metrics"])
+    assert {"reward/rubric/00", "worst_reward_mean", "rubric_met_ratio", "pitfall_rate"} <= set(study["metrics"])
     (pair,) = study["pairs"]
-    assert pair["final"]["worst_reward_mean"]["p_value"] == 1.0  # one seed each: nothing can be significant
+    assert pair["final"]["rubric_met_ratio"]["p_value"] == 1.0  # one seed each: nothing can be significant
     assert (out / "study.md").read_text().count("| gdpo |") == 2 and (out / "study.png").stat().st_size > 0
 
     def never(cfg):
