@@ -115,11 +115,12 @@ def derive_attention_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def combine_stats(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    """Merge (stats, tokens) pairs: `*_max` keys by max, `*_min` by min, the rest token-weighted."""
-    total = sum(w for _, w in parts)
+    """Merge (stats, tokens) pairs: `*_max` keys by max, `*_min` by min, the rest token-weighted over the
+    parts that carry the key (a key missing from a part is not diluted by that part's tokens)."""
     out: dict[str, float] = {}
-    for key in parts[0][0]:
+    for key in dict.fromkeys(k for s, _ in parts for k in s):  # every key, in first-seen order
         vals = [(float(s[key]), w) for s, w in parts if key in s]
+        total = sum(w for _, w in vals)
         if key.endswith("_max"):
             out[key] = max(v for v, _ in vals)
         elif key.endswith("_min"):

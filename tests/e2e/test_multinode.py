@@ -29,6 +29,7 @@ import ray
 import ray.cloudpickle
 
 from judge_fakes import EXTRA_BUILDERS
+from ports import free_ports
 from rvpo_async.config import Config, JudgesConfig, JudgeSpec, load_config
 from rvpo_async.types import Prompt, RolloutGroup, Sample
 
@@ -93,9 +94,10 @@ def multinode():
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the session's local instance (tests/conftest.py ray_local starts a new one when needed)
+    gcs, dashboard, agent = free_ports(range(21600, 21700), 3)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, gcs_server_port=21600, include_dashboard=True, dashboard_port=21601,
-        dashboard_agent_listen_port=21602))
+        num_cpus=1, gcs_server_port=gcs, include_dashboard=True, dashboard_port=dashboard,
+        dashboard_agent_listen_port=agent))
     try:
         # the Cluster records its address as this machine's current Ray cluster, which a plain ray.init() in
         # another process would then join; this test connects by address, so the record goes

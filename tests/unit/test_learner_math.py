@@ -214,3 +214,12 @@ def test_split_refuses_a_batch_that_is_not_whole_groups():
 def test_split_refuses_fewer_groups_than_ranks():
     with pytest.raises(ValueError, match="learner.num_ranks=3"):
         split_by_groups(_batch(2, 4), 3, 4)
+
+
+def test_combine_stats_weights_a_key_over_the_parts_that_carry_it():
+    # 'kl' only from the second and third parts (tokens 30 and 10); 'late_max' first seen in the third
+    parts = [({"loss": 1.0}, 60.0), ({"loss": 2.0, "kl": 0.2}, 30.0), ({"loss": 4.0, "kl": 0.6, "late_max": 3.0}, 10.0)]
+    out = combine_stats(parts)
+    assert out["loss"] == pytest.approx((60 + 60 + 40) / 100)
+    assert out["kl"] == pytest.approx((0.2 * 30 + 0.6 * 10) / 40)  # not diluted by the first part's 60 tokens
+    assert out["late_max"] == 3.0 and list(out) == ["loss", "kl", "late_max"]
