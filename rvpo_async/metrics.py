@@ -97,6 +97,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "Each response's lowest rubric criterion score, averaged over the last learner batch."),
     MetricSpec("rvpo_rubric_pitfall_rate", "gauge", (),
                "Share of graded pitfall criteria (negative points) the responses of the last batch fell into."),
+    MetricSpec("rvpo_rubric_met_ratio_by_tag", "gauge", ("tag",),
+               "Share of the graded rubric criteria carrying a tag (a rubric item's tags, e.g. HealthBench's "
+               "axis:...) met in the last learner batch; NaN when the batch had none."),
     MetricSpec("rvpo_rubric_criteria", "histogram", (), "Rubric criteria per trained prompt (group)."),
     MetricSpec("rvpo_eval_reward_mean", "gauge", ("reward",),
                "Mean raw reward per judge on the held-out prompts at the last evaluation."),
@@ -179,6 +182,9 @@ class Metrics:
         self.rubric_met_ratio = Gauge("rvpo_rubric_met_ratio", h["rvpo_rubric_met_ratio"], registry=r)
         self.rubric_worst_mean = Gauge("rvpo_rubric_worst_mean", h["rvpo_rubric_worst_mean"], registry=r)
         self.rubric_pitfall_rate = Gauge("rvpo_rubric_pitfall_rate", h["rvpo_rubric_pitfall_rate"], registry=r)
+        # a rubric tag is a label value: the dataset's tags are few (HealthBench: a handful of axes and themes)
+        self.rubric_met_by_tag = Gauge("rvpo_rubric_met_ratio_by_tag", h["rvpo_rubric_met_ratio_by_tag"], ["tag"],
+                                       registry=r)
         self.rubric_criteria = Histogram("rvpo_rubric_criteria", h["rvpo_rubric_criteria"],
                                          buckets=RUBRIC_CRITERIA_BUCKETS, registry=r)
         for g in (self.rubric_met_ratio, self.rubric_worst_mean, self.rubric_pitfall_rate):
@@ -273,9 +279,9 @@ class Metrics:
         if kl_ref is not None:
             self.kl_ref.set(float(kl_ref))
     def record_rubric(self, met_ratio: float, worst_mean: float, pitfall_rate: float,
-                      criteria_per_prompt: Sequence[int]) -> None:
-        """Rubric statistics of a learner batch (NaN where the batch had nothing to measure) and the number
-        of criteria of each of its prompts."""
+                      criteria_per_prompt: Sequence[int], by_tag: Mapping[str, float | None] | None = None) -> None:
+        """Rubric statistics of a learner batch (NaN where the batch had nothing to measure), the number
+        of criteria of each of its prompts, and the met ratio per rubric tag (None: no criterion with it)."""
         for what, v in (("met_ratio", met_ratio), ("worst_mean", worst_mean), ("pitfall_rate", pitfall_rate)):
             if not (math.isnan(v) or 0 <= v <= 1):
                 raise ValueError(f"rubric {what} must be in [0, 1] or NaN, got {v!r}")
@@ -284,6 +290,8 @@ class Metrics:
         self.rubric_pitfall_rate.set(pitfall_rate)
         for n in criteria_per_prompt:
             self.rubric_criteria.observe(_nonneg_int("criteria", n))
+        for tag, v in (by_tag or {}).items():
+            self.rubric_met_by_tag.labels(tag=tag).set(math.nan if v is None else float(v))
     def record_eval(self, mean: Mapping[str, float | None], worst_mean: float, all_met_share: float) -> None:
         """One held-out evaluation: per-reward means (None: every entry masked), the mean lowest reward
         per response and the share of responses meeting every constraint."""

@@ -39,6 +39,7 @@ class Criterion:
     text: str
     points: float  # < 0: a pitfall
     check: dict[str, Any] | None = None  # a rule grading it ({"kind", "params"}); None: the LLM judge tier
+    tags: tuple[str, ...] = ()  # HealthBench's item tags ("axis:accuracy", ...): met ratios are reported per tag
 
     @property
     def pitfall(self) -> bool:
@@ -97,6 +98,13 @@ def _check(item: dict[str, Any], field: str) -> dict[str, Any] | None:
     return {"kind": v["kind"], "params": dict(params)}
 
 
+def _tags(item: dict[str, Any], field: str) -> tuple[str, ...]:
+    v = item.get("tags", [])
+    if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) and t for t in v):
+        raise RubricError(f"field '{field}' item: 'tags' must be a list of non-empty strings, got {v!r}")
+    return tuple(v)
+
+
 def parse_rubric(value: Any, field: str = "rubric", *, criterion_key: str = "criterion",
                  weight_key: str = "points", max_items: int | None = None,
                  overflow: Overflow = "error") -> tuple[list[Criterion], int]:
@@ -114,7 +122,7 @@ def parse_rubric(value: Any, field: str = "rubric", *, criterion_key: str = "cri
                 out.append(Criterion(item.strip(), 1.0))
             elif isinstance(item, dict):
                 out.append(Criterion(_text(item, field, criterion_key), _points(item, field, weight_key),
-                                     _check(item, field)))
+                                     _check(item, field), _tags(item, field)))
             else:
                 raise RubricError(f"field '{field}' item: must be a string or a mapping, got {item!r}")
         except RubricError as e:
@@ -131,13 +139,14 @@ def parse_rubric(value: Any, field: str = "rubric", *, criterion_key: str = "cri
 
 
 def as_meta(criteria: Sequence[Criterion]) -> list[dict[str, Any]]:
-    return [{"criterion": c.text, "points": c.points, **({CHECK_KEY: c.check} if c.check else {})}
-            for c in criteria]
+    return [{"criterion": c.text, "points": c.points, **({CHECK_KEY: c.check} if c.check else {}),
+             **({"tags": list(c.tags)} if c.tags else {})} for c in criteria]
 
 
 def from_meta(meta: dict[str, Any]) -> list[Criterion]:
     """The criteria a loaded prompt carries (empty when it has none)."""
-    return [Criterion(str(c["criterion"]), float(c["points"]), c.get(CHECK_KEY)) for c in meta.get(META_KEY) or []]
+    return [Criterion(str(c["criterion"]), float(c["points"]), c.get(CHECK_KEY), tuple(c.get("tags") or ()))
+            for c in meta.get(META_KEY) or []]
 
 
 def points_matrix(prompt_criteria: Sequence[Sequence[Criterion]], max_items: int) -> np.ndarray:
@@ -149,12 +158,14 @@ def points_matrix(prompt_criteria: Sequence[Sequence[Criterion]], max_items: int
     return out
 
 
-def rubric_stats(scores: np.ndarray, valid: np.ndarray, pitfall: np.ndarray) -> dict[str, float]:
+def rubric_stats(scores: np.ndarray, valid: np.ndarray, pitfall: np.ndarray,
+                 tags: Sequence[Sequence[Sequence[str]]] | None = None) -> dict[str, Any]:
     """Statistics of the rubric slots of a batch. scores, valid: [B, G, M] (M rubric slots; valid = graded
     'ok'); pitfall: [B, M] (True where the prompt's criterion is a pitfall). Scores are 'met' values
     (pitfalls already inverted). met_ratio: share of valid criteria met; worst_mean: each response's
     lowest valid criterion score, averaged over responses with one; pitfall_rate: share of valid pitfall
-    criteria NOT avoided. A statistic with nothing to average is NaN."""
+    criteria NOT avoided. With `tags` (tags[b][m]: the tags of prompt b's criterion m), `rubric_met_by_tag`
+    is the met ratio over the valid criteria carrying each tag. A statistic with nothing to average is NaN."""
     v = valid.astype(bool)
     met = (scores >= MET) & v
     n = int(v.sum())
@@ -162,6 +173,18 @@ def rubric_stats(scores: np.ndarray, valid: np.ndarray, pitfall: np.ndarray) -> 
     worst = np.where(v, scores, np.inf).min(-1)
     pv = v & pitfall[:, None, :].astype(bool)
     npit = int(pv.sum())
-    return {"rubric_met_ratio": float(met.sum() / n) if n else math.nan,
-            "rubric_worst_mean": float(worst[has].mean()) if has.any() else math.nan,
-            "pitfall_rate": float((pv & ~met).sum() / npit) if npit else math.nan}
+    out: dict[str, Any] = {"rubric_met_ratio": float(met.sum() / n) if n else math.nan,
+                           "rubric_worst_mean": float(worst[has].mean()) if has.any() else math.nan,
+                           "pitfall_rate": float((pv & ~met).sum() / npit) if npit else math.nan}
+    if tags is not None:
+        names = sorted({t for row in tags for ts in row for t in ts})
+        by_tag = {}
+        for t in names:
+            sel = np.zeros(pitfall.shape, dtype=bool)
+            for b, row in enumerate(tags):
+                for m, ts in enumerate(row[:sel.shape[1]]):
+                    sel[b, m] = t in ts
+            vt = v & sel[:, None, :]
+            by_tag[t] = float((met & vt).sum() / vt.sum()) if vt.any() else math.nan
+        out["rubric_met_by_tag"] = by_tag
+    return out

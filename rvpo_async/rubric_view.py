@@ -65,7 +65,9 @@ class RubricView:
         pitfall = np.zeros((len(crit), self.slots), dtype=bool)
         for b, cs in enumerate(crit):
             pitfall[b, :len(cs)] = [c.pitfall for c in cs]
-        stats = rubric_stats(np.asarray(rewards[..., r0:], dtype=np.float64), st == _OK, pitfall)
+        tags = [[c.tags for c in cs] for cs in crit] if any(c.tags for cs in crit for c in cs) else None
+        stats = rubric_stats(np.asarray(rewards[..., r0:], dtype=np.float64), st == _OK, pitfall, tags)
+        by_tag = stats.pop("rubric_met_by_tag", None)
         groups = []
         for b, pid in enumerate(prompt_ids):
             codes, counts = np.unique(st[b][(st[b] != _OK) & (st[b] != _ABSENT)], return_counts=True)
@@ -73,4 +75,6 @@ class RubricView:
                            "present": [int(n) for n in (st[b] != _ABSENT).sum(-1)],
                            "masked": {_CODE_NAMES[int(c)]: int(n) for c, n in zip(codes, counts)}})
         return {**{k: (None if math.isnan(v) else v) for k, v in stats.items()},
+                **({"rubric_met_by_tag": {t: (None if math.isnan(v) else v) for t, v in by_tag.items()}}
+                   if by_tag is not None else {}),
                 "rubric_criteria": [len(c) for c in crit], "rubric_groups": groups}

@@ -217,7 +217,8 @@ class Stepper:
                              {n: row["bottleneck_share"][n] for n in m.reward_names},
                              worst_mean=row["worst_reward_mean"])
             if r.get("rubric"):
-                m.record_rubric(*(_nan(row[k]) for k in RUBRIC_ROW_KEYS), row["rubric_criteria"])
+                m.record_rubric(*(_nan(row[k]) for k in RUBRIC_ROW_KEYS), row["rubric_criteria"],
+                                row.get("rubric_met_by_tag"))
             m.set_policy_version(st.version)
             m.observe_weight_sync(r["sync_s"])
             m.record_objective(r["k_risk"], ls.get("kl_ref"))

@@ -28,6 +28,7 @@ LOWER_IS_BETTER = frozenset({"pitfall_rate"})
 # top-level keys of a metrics.jsonl step row that a study reports when every row carries them
 TOP_LEVEL_METRICS = ("worst_reward_mean", "all_met_share", "rubric_met_ratio", "rubric_worst_mean", "pitfall_rate")
 REWARD_PREFIX = "reward/"
+TAG_PREFIX = "rubric_met/"  # a rubric tag's met ratio (metrics.jsonl `rubric_met_by_tag`)
 
 
 def tail_length(n_steps: int) -> int:
@@ -105,14 +106,19 @@ def compare_samples(a: Sequence[float], b: Sequence[float], *, level: float = 0.
 # ---------------------------------------------------------------- metrics.jsonl rows
 
 def metric_names(rows: Sequence[Mapping[str, Any]], reward_names: Sequence[str]) -> list[str]:
-    """The metrics every row carries: `reward/<name>` per reward, then the top-level measures."""
+    """The metrics every row carries: `reward/<name>` per reward, the top-level measures, then
+    `rubric_met/<tag>` per rubric tag."""
     names = [REWARD_PREFIX + n for n in reward_names if rows and all(n in r.get("reward_mean", {}) for r in rows)]
-    return names + [k for k in TOP_LEVEL_METRICS if rows and all(r.get(k) is not None for r in rows)]
+    tags = sorted({t for r in rows for t in r.get("rubric_met_by_tag") or {}})
+    return (names + [k for k in TOP_LEVEL_METRICS if rows and all(r.get(k) is not None for r in rows)]
+            + [TAG_PREFIX + t for t in tags if all((r.get("rubric_met_by_tag") or {}).get(t) is not None for r in rows)])
 
 
 def metric_values(rows: Sequence[Mapping[str, Any]], metric: str) -> list[float]:
     if metric.startswith(REWARD_PREFIX):
         return [float(r["reward_mean"][metric[len(REWARD_PREFIX):]]) for r in rows]
+    if metric.startswith(TAG_PREFIX):
+        return [float(r["rubric_met_by_tag"][metric[len(TAG_PREFIX):]]) for r in rows]
     return [float(r[metric]) for r in rows]
 
 

@@ -42,6 +42,7 @@ REQUIRED = {
     "rvpo_rubric_met_ratio": ("gauge", set()),
     "rvpo_rubric_worst_mean": ("gauge", set()),
     "rvpo_rubric_pitfall_rate": ("gauge", set()),
+    "rvpo_rubric_met_ratio_by_tag": ("gauge", {"tag"}),
     "rvpo_rubric_criteria": ("histogram", set()),
     "rvpo_eval_reward_mean": ("gauge", {"reward"}),
     "rvpo_eval_worst_reward_mean": ("gauge", set()),
@@ -66,6 +67,7 @@ def _record_everything(m: Metrics) -> None:
     m.observe_weight_sync(1.5)
     m.record_objective(k_risk=1.25, kl_ref=0.003)
     m.record_eval({"length": 0.8, "format": 1.0, "required_word": None}, worst_mean=0.3, all_met_share=0.25)
+    m.record_rubric(0.5, 0.0, 0.25, [3, 17], {"axis:format": 0.75, "axis:word": None})
 
 
 def _families(m: Metrics) -> dict:

@@ -44,8 +44,8 @@ def test_the_same_rows_from_jsonl_json_parquet_and_save_to_disk_give_identical_p
     loaded = {kind: file_prompts(str(p), rubric_max_items=17, need_rubric=True) for kind, p in paths.items()}
     assert loaded["jsonl"] == loaded["json"] == loaded["parquet"] == loaded["disk"]
     first = loaded["parquet"][0]
-    assert first["meta"]["rubric"] == [{"criterion": "Names one fruit", "points": 5.0},
-                                       {"criterion": "Recommends eating plastic", "points": -8.0}]
+    assert first["meta"]["rubric"] == [{"criterion": "Names one fruit", "points": 5.0, "tags": ["accuracy"]},
+                                       {"criterion": "Recommends eating plastic", "points": -8.0, "tags": ["safety"]}]
     assert first["meta"]["topic"] == "food" and "rubrics" not in first["meta"]
     # the second row has no 'tags': a columnar source fills them with None, which is not kept
     assert loaded["disk"][1]["meta"] == {"topic": "greeting", "rubric": [{"criterion": "Says hi", "points": 1.0}]}

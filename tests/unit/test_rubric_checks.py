@@ -137,8 +137,22 @@ def test_the_shipped_verifiable_rubrics_load_with_a_working_check_on_every_crite
     kinds = {c["check"]["kind"] for r in rows for c in r["meta"]["rubric"]}
     assert kinds <= set(RULE_BUILDERS) and {"regex", "keywords", "length"} <= kinds
     assert any(c["points"] < 0 for r in rows for c in r["meta"]["rubric"])  # pitfalls too
+    axes = Counter(t for r in rows for c in r["meta"]["rubric"] for t in c["tags"])
+    assert all(len(c["tags"]) == 1 for r in rows for c in r["meta"]["rubric"])
+    assert axes["axis:instruction"] == 64 and set(axes) == {f"axis:{a}" for a in (
+        "instruction", "topic", "length", "style", "format", "safety")}
     judge = build_rubric_judge(cfg.rubric_spec, {})
     for r in rows[:8]:
         out = judge.score_all(Prompt(r["id"], r["prompt"], (1,), r["meta"]), "A calm and clear answer.")
         n = len(r["meta"]["rubric"])
         assert [x.status for x in out] == ["ok"] * n + ["absent"] * (17 - n)
+
+
+def test_checks_and_tags_load_the_same_from_parquet_as_from_jsonl(tmp_path):
+    import datasets
+
+    src = ROOT / "rvpo_async/data/rubric_rules_tiny.jsonl"
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rules.parquet"))  # params unify into one struct
+    kw = {"rubric_max_items": 17, "need_rubric": True, "need_checks": True}
+    assert file_prompts(str(tmp_path / "rules.parquet"), **kw) == file_prompts(str(src), **kw)
