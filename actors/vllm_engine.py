@@ -107,10 +107,12 @@ def make_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
 def make_async_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
                    kv_cache_memory_bytes: int = 64 * 1024 * 1024, dtype: str = "float32",
                    worker_extension_cls: str | None = None, gpu_memory_utilization: float = 0.9,
-                   gpu_kv_cache_memory_bytes: int | None = None, **extra: Any):
+                   gpu_kv_cache_memory_bytes: int | None = None, engine_core: str = "process", **extra: Any):
     """Build a vllm AsyncLLM (continuous batching over concurrent `generate` streams) with the same settings
     as `make_llm`. Its engine core always runs in a process of its own (spawned: about 9 s to start on CPU),
-    so arguments of `collective_rpc` cross a serialiser there: send bytes, ints, strings and lists."""
+    so arguments of `collective_rpc` cross a serialiser there: send bytes, ints, strings and lists.
+    `engine_core="inproc"` builds actors.rollout.inproc.InprocEngine instead: the same interface, with the
+    engine core stepped by a thread of this process."""
     apply_vllm_env()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -119,4 +121,10 @@ def make_async_llm(model_path: str, *, seed: int = 0, max_model_len: int = 256,
                            kv_cache_memory_bytes=kv_cache_memory_bytes, dtype=dtype,
                            worker_extension_cls=worker_extension_cls, gpu_memory_utilization=gpu_memory_utilization,
                            gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes, **extra)
+    if engine_core == "inproc":
+        from actors.rollout.inproc import InprocEngine
+
+        return InprocEngine.from_engine_args(kwargs)
+    if engine_core != "process":
+        raise ValueError(f"rollout.engine_core must be 'process' or 'inproc', got {engine_core!r}")
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

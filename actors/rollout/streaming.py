@@ -66,7 +66,8 @@ class StreamingRollout:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_model_len: int = 256,
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
-                 weight_load: str = "repack", weight_update: str = "drain", ignore_eos: bool = False) -> None:
+                 weight_load: str = "repack", weight_update: str = "drain", ignore_eos: bool = False,
+                 engine_core: str = "process") -> None:
         apply_vllm_env()
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"rollout.weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
@@ -78,7 +79,7 @@ class StreamingRollout:
                                      kv_cache_memory_bytes=kv_cache_memory_bytes,
                                      worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
                                      gpu_memory_utilization=gpu_memory_utilization,
-                                     gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes)
+                                     gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes, engine_core=engine_core)
         self.tokenizer = self.engine.tokenizer
         self._weight_load, self._set_up = weight_load, False
         self._ids = itertools.count()

@@ -149,18 +149,19 @@ def test_restarted_rollout_engine_catches_up_and_the_run_completes(tmp_path, tin
     assert report["staleness"]["max"] <= cfg.staleness.max_staleness
 
 
-@pytest.mark.parametrize("transport", ["object_store", "collective"])
+@pytest.mark.parametrize("transport, core", [("object_store", "process"), ("collective", "process"),
+                                             ("collective", "inproc")])
 def test_interrupt_mode_interrupts_responses_and_keeps_the_staleness_bound(tmp_path, tiny_model_dir, ray_local,
-                                                                           transport):
-    """rollout.weight_update=interrupt, by either weight transport: updates land while responses are being
-    generated, those are interrupted and resumed, and no trained group (staleness from its oldest token)
-    exceeds the bound."""
+                                                                           transport, core):
+    """rollout.weight_update=interrupt, by either weight transport and either engine core: updates land while
+    responses are being generated, those are interrupted and resumed, and no trained group (staleness from its
+    oldest token) exceeds the bound."""
     from rvpo_async.driver import train
 
     run = tmp_path / "run"
     cfg = small_config(run, tiny_model_dir, "run.steps=5", "rollout.max_new_tokens=96", "staleness.max_staleness=1",
                        "rollout.weight_update=interrupt", "checkpoint.every=0", f"learner.sync_transport={transport}",
-                       "learner.master_port=24110")
+                       "learner.master_port=24110", f"rollout.engine_core={core}")
     report = train(cfg)
     rows = rows_of(run)
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5]

@@ -1,4 +1,6 @@
-"""The streaming rollout engine (actors/rollout/streaming.py) on the real vLLM AsyncLLM and the tiny model."""
+"""The streaming rollout engine (actors/rollout/streaming.py) on the real vLLM and the tiny model, with its engine
+core in a process of its own (AsyncLLM, `rollout.engine_core: process`) and stepped in the actor's process
+(actors/rollout/inproc.py, `inproc`)."""
 
 from __future__ import annotations
 
@@ -47,19 +49,20 @@ def _token_logprobs(model_dir: str, state: dict[str, torch.Tensor], prompt: list
 
 @pytest.fixture(scope="module")
 def engine_factory(tiny_model_dir, ray_module):
-    """One engine per weight-update mode for the module (each takes ~10 s to start)."""
+    """One engine per weight-update mode and engine core for the module (each takes ~10 s to start)."""
     from actors.rollout.streaming import StreamingRolloutActor
 
-    made: dict[str, object] = {}
+    made: dict[tuple[str, str], object] = {}
 
-    def make(weight_update: str):
-        if weight_update not in made:
-            h = StreamingRolloutActor.options(num_cpus=0.5).remote(weight_update, tiny_model_dir, group_size=G,
-                                                                   max_new_tokens=160, seed=0,
-                                                                   weight_update=weight_update)
+    def make(weight_update: str, engine_core: str = "process"):
+        key = (weight_update, engine_core)
+        if key not in made:
+            h = StreamingRolloutActor.options(num_cpus=0.5).remote(
+                f"{weight_update}-{engine_core}", tiny_model_dir, group_size=G, max_new_tokens=160, seed=0,
+                weight_update=weight_update, engine_core=engine_core)
             ray.get(h.ready.remote())
-            made[weight_update] = h
-        return made[weight_update]
+            made[key] = h
+        return made[key]
 
     yield make
     for h in made.values():
@@ -77,8 +80,9 @@ def _update_mid_generation(engine, prompts, blob, version: int):
     return ray.get(ref)
 
 
-def test_same_seeds_give_the_same_groups(engine_factory):
-    eng = engine_factory("drain")
+@pytest.mark.parametrize("core", ["process", "inproc"])
+def test_same_seeds_give_the_same_groups(engine_factory, core):
+    eng = engine_factory("drain", core)
     prompts = _prompts(4, cap=24)
     a = ray.get(eng.generate.remote(prompts, [0, 1, 2, 3], [7, 8, 9, 10]))
     b = ray.get(eng.generate.remote(prompts, [0, 1, 2, 3], [7, 8, 9, 10]))
@@ -87,12 +91,24 @@ def test_same_seeds_give_the_same_groups(engine_factory):
     assert len({s.token_ids for s in a[0].samples}) > 1  # sample j draws with seed + j, not one stream
 
 
-def test_interrupted_samples_keep_the_logprobs_of_the_weights_that_sampled_each_token(engine_factory, tiny_model_dir):
+def test_the_in_process_engine_core_samples_what_the_process_one_does(engine_factory):
+    prompts = _prompts(4, cap=24)
+    a, b = (ray.get(engine_factory("drain", core).generate.remote(prompts, [0, 1, 2, 3], [7, 8, 9, 10]))
+            for core in ("process", "inproc"))
+    for ga, gb in zip(a, b):
+        assert [s.token_ids for s in ga.samples] == [s.token_ids for s in gb.samples]
+        for sa, sb in zip(ga.samples, gb.samples):
+            assert sa.logprobs == pytest.approx(sb.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("core", ["process", "inproc"])
+def test_interrupted_samples_keep_the_logprobs_of_the_weights_that_sampled_each_token(engine_factory, tiny_model_dir,
+                                                                                      core):
     """A weight update lands mid-response; token by token, the behaviour log-prob is that of the weights
     that sampled the token: version 0 up to the interruption, version 1 after it (fp32, 1e-4)."""
     from rvpo_async.weight_format import safetensors_array
 
-    eng = engine_factory("interrupt")
+    eng = engine_factory("interrupt", core)
     v0 = _state(tiny_model_dir)
     v1 = _perturbed(v0, 1)
     prompts = _prompts(2)
@@ -116,10 +132,11 @@ def test_interrupted_samples_keep_the_logprobs_of_the_weights_that_sampled_each_
     assert mixed > 0, "no sample was interrupted mid-response"
 
 
-def test_drain_never_mixes_two_versions_in_one_response(engine_factory, tiny_model_dir):
+@pytest.mark.parametrize("core", ["process", "inproc"])
+def test_drain_never_mixes_two_versions_in_one_response(engine_factory, tiny_model_dir, core):
     from rvpo_async.weight_format import safetensors_array
 
-    eng = engine_factory("drain")
+    eng = engine_factory("drain", core)
     groups = _update_mid_generation(eng, _prompts(2, cap=96), safetensors_array(_perturbed(_state(tiny_model_dir), 2)), 1)
     assert all(s.first_version == s.last_version == 0 for g in groups for s in g.samples)
     stats = ray.get(eng.stats.remote())

@@ -236,7 +236,7 @@ def test_cli_config_prints_resolved_config():
 
 # every config the README, docs, Makefile and tests name; a new file in configs/ is checked as well
 KNOWN_CONFIGS = ["qwen2.5-1.5b-gpu.yaml", "rubric-gpu.yaml", "smollm2-cpu.yaml", "tiny-cpu-frequent.yaml",
-                 "tiny-cpu-rubric-smollm2.yaml", "tiny-cpu-rubric.yaml", "tiny-cpu.yaml"]
+                 "tiny-cpu-rubric-smollm2.yaml", "tiny-cpu-rubric.yaml", "tiny-cpu-rubric-rules.yaml", "tiny-cpu.yaml"]
 SHIPPED = sorted(set(KNOWN_CONFIGS) | {p.name for p in CONFIG_DIR.glob("*.yaml")})
 
 
@@ -278,6 +278,16 @@ def test_shipped_config_survives_a_dump_and_reload(name, tmp_path):
     cfg = load_config(CONFIG_DIR / name)
     dump_config(cfg, tmp_path / "again.yaml")
     assert load_config(tmp_path / "again.yaml") == cfg
+
+
+def test_the_frequent_task_is_the_default_less_its_rare_success_judge():
+    """tiny-cpu-frequent.yaml differs from tiny-cpu.yaml in its judges and output folder only (the e2e tests
+    train tiny-cpu.yaml; the frequent one is not trained there)."""
+    base, freq = load_config(CONFIG_DIR / "tiny-cpu.yaml"), load_config(CONFIG_DIR / "tiny-cpu-frequent.yaml")
+    assert [s.name for s in base.judges.specs] == [s.name for s in freq.judges.specs] + ["keyword"]
+    assert base.judges.specs[:-1] == freq.judges.specs
+    same = dataclasses.replace(freq, judges=base.judges, run=dataclasses.replace(freq.run, output_dir=base.run.output_dir))
+    assert same == base
 
 
 def test_the_file_comparison_reports_a_value_the_loader_would_change():
