@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-SYSTEMS = ("trl", "async", "sync")
+SYSTEMS = ("trl", "async", "sync", "async-inproc", "sync-inproc")  # -inproc: rollout.engine_core=inproc
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,10 @@ def run_system(system: str, a: argparse.Namespace, overrides: list[str], work: P
              run_dir / "log.txt", env)
         rows = [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
         return [r["time"] for r in rows], [r["samples"] for r in rows]
+    mode, _, core = system.partition("-")
     t_start = time.time()
-    _run([sys.executable, "-m", "rvpo_async.cli", "train", "--config", a.config, *overrides, f"run.mode={system}",
+    _run([sys.executable, "-m", "rvpo_async.cli", "train", "--config", a.config, *overrides, f"run.mode={mode}",
+          *([f"rollout.engine_core={core}"] if core else []),
           f"run.output_dir={run_dir}", "run.overwrite=true", "run.progress=false", "checkpoint.every=0",
           "metrics.enabled=false"], run_dir / "log.txt", env)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -199,7 +201,8 @@ def bench_trl(argv: Sequence[str]) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the rung's)")
     p.add_argument("--window", type=parse_window, default=None, help="FIRST:LAST steps timed (default: the rung's)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of trl,async,sync")
+    p.add_argument("--systems", default="trl,async,sync",
+                   help="comma-separated subset of " + ",".join(SYSTEMS) + " (-inproc: rollout.engine_core=inproc)")
     p.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: torch's)")
     p.add_argument("--port", type=int, default=21400, help="learner.master_port of the rvpo-async runs")
     p.add_argument("--out", default=None, help="run directories (default: a temp dir)")
@@ -233,12 +236,14 @@ def bench_trl(argv: Sequence[str]) -> int:
             ends, samples = run_system(s, a, overrides, work, rep)
             rates[s].append(window_rate(ends, samples, window))
             # the load average shows when other work on the machine distorted a run
-            print(f"  repeat {rep + 1} {s:5s}: {rates[s][-1]:8.2f} samples/s  (run {time.perf_counter() - t0:.0f} s, "
+            print(f"  repeat {rep + 1} {s:12s}: {rates[s][-1]:8.2f} samples/s  (run {time.perf_counter() - t0:.0f} s, "
                   f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
     print(f"samples/s, steps {window[0] + 1}-{window[1]} (median [min .. max] over {a.repeats} repeats):")
     for s in systems:
-        print(f"  {s:5s} {_fmt(rates[s])}")
-    for num, den in (("async", "trl"), ("sync", "trl"), ("async", "sync")):
+        print(f"  {s:12s} {_fmt(rates[s])}")
+    pairs = [(x, "trl") for x in systems if x != "trl"] + [("async", "sync"), ("async-inproc", "sync-inproc"),
+                                                           ("async-inproc", "async"), ("sync-inproc", "sync")]
+    for num, den in pairs:
         if num in rates and den in rates:
             r = [x / y for x, y in zip(rates[num], rates[den])]
             print(f"  {num}/{den}: median of medians {statistics.median(rates[num]) / statistics.median(rates[den]):.2f}x"
