@@ -56,17 +56,31 @@ def study_markdown(s: Mapping[str, Any]) -> str:
                   "seeds per variant the smallest p-value possible is 2 / C(2n, n) (5 vs 5: 0.008). With few seeds "
                   "the percentile bootstrap interval is too narrow (it ignores how little the seeds tell about "
                   "the spread): read the p-value first.", ""]
-        rows = []
-        for pair in s["pairs"]:
-            cells = []
-            for m in metrics:
-                t = pair["final"][m]
-                cells.append(f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] "
-                             f"p={t['p_value']:.3g}{'' if t['exact'] else '*'}")
-            rows.append([f"{pair['a']} - {pair['b']}"] + cells)
-        lines += _table(["A - B"] + labels, rows)
+        lines += _pair_table(s["pairs"], metrics, labels, "final")
+    if all("run_mean" in v["metrics"][m] for v in variants.values() for m in metrics):
+        lines += ["", "## Mean over the run (how early it was learned)", "",
+                  "The mean over every step, mean ± standard deviation over seeds; where finals tie, it tells which "
+                  "variant got there first.", ""]
+        lines += _table(["variant"] + labels, [[n] + [_ms(v["metrics"][m]["run_mean"]) for m in metrics]
+                                               for n, v in variants.items()])
+        if s["pairs"] and all("run_mean" in p for p in s["pairs"]):
+            lines += ["", "Pairwise differences of the means over the run, as above:", ""]
+            lines += _pair_table(s["pairs"], metrics, labels, "run_mean")
     lines += ["", "Plot: `study.png` (each metric per step, mean over seeds, band: ± one standard deviation).", ""]
     return "\n".join(lines)
+
+
+def _pair_table(pairs: Sequence[Mapping[str, Any]], metrics: Sequence[str], labels: Sequence[str],
+                what: str) -> list[str]:
+    rows = []
+    for pair in pairs:
+        cells = []
+        for m in metrics:
+            t = pair[what][m]
+            cells.append(f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] "
+                         f"p={t['p_value']:.3g}{'' if t['exact'] else '*'}")
+        rows.append([f"{pair['a']} - {pair['b']}"] + cells)
+    return _table(["A - B"] + labels, rows)
 
 
 def plot_study(runs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]], metrics: Sequence[str],

@@ -8,7 +8,9 @@ Per run and metric (a reward's batch mean, `worst_reward_mean`, `all_met_share`,
 - best: the highest mean over any window of that same length, and the step that window ends at; the
   window keeps one lucky step from passing for a peak, and makes final and best comparable;
 - drop: best - final (>= 0), the late collapse. For a metric where lower is better (`pitfall_rate`)
-  "best" is the lowest window and drop is final - best.
+  "best" is the lowest window and drop is final - best;
+- run_mean: the mean over every step (the area under the curve over its length): how early a reward was
+  learned, where final values tie.
 Between two variants A and B, over their seeds (independent samples, one value per seed):
 - diff = mean(A) - mean(B) of the final values;
 - a percentile bootstrap confidence interval of diff (each variant resampled on its own);
@@ -49,7 +51,7 @@ def curve_summary(steps: Sequence[int], values: Sequence[float], *, lower_is_bet
     i = int(np.argmin(windows) if lower_is_better else np.argmax(windows))  # first of equal bests
     best = float(windows[i])
     return {"final": final, "best": best, "best_step": int(steps[i + n - 1]),
-            "drop": (final - best) if lower_is_better else (best - final), "window": n}
+            "drop": (final - best) if lower_is_better else (best - final), "window": n, "run_mean": float(v.mean())}
 
 
 def bootstrap_diff_ci(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, n_boot: int = 10000,
@@ -148,17 +150,18 @@ def study_summary(runs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]],
             vals = [s[m] for s in per_seed.values()]
             out["metrics"][m] = {
                 "final": _mean_std([v["final"] for v in vals]), "best": _mean_std([v["best"] for v in vals]),
-                "drop": _mean_std([v["drop"] for v in vals]),
+                "drop": _mean_std([v["drop"] for v in vals]), "run_mean": _mean_std([v["run_mean"] for v in vals]),
                 "best_step_median": float(np.median([v["best_step"] for v in vals])),
                 "per_seed": {str(seed): per_seed[seed][m] for seed in per_seed}}
         variants[name] = out
     pairs = []
     for a, b in itertools.combinations(list(runs), 2):
-        tests = {}
-        for m in common:
-            fa = [variants[a]["metrics"][m]["per_seed"][str(s)]["final"] for s in variants[a]["seeds"]]
-            fb = [variants[b]["metrics"][m]["per_seed"][str(s)]["final"] for s in variants[b]["seeds"]]
-            tests[m] = compare_samples(fa, fb, level=level)
-        pairs.append({"a": a, "b": b, "final": tests})
+        pair: dict[str, Any] = {"a": a, "b": b}
+        for what in ("final", "run_mean"):
+            pair[what] = {m: compare_samples(
+                [variants[a]["metrics"][m]["per_seed"][str(s)][what] for s in variants[a]["seeds"]],
+                [variants[b]["metrics"][m]["per_seed"][str(s)][what] for s in variants[b]["seeds"]], level=level)
+                for m in common}
+        pairs.append(pair)
     return {"metrics": common, "lower_is_better": sorted(LOWER_IS_BETTER & set(common)), "variants": variants,
             "pairs": pairs}

@@ -32,7 +32,28 @@ def test_a_single_lucky_step_is_not_a_peak():
 
 def test_rising_curve_has_no_drop_and_short_runs_use_one_step():
     s = st.curve_summary([1, 2, 3], [0.1, 0.2, 0.3])
-    assert s == {"final": 0.3, "best": 0.3, "best_step": 3, "drop": 0.0, "window": 1}
+    assert s == {"final": 0.3, "best": 0.3, "best_step": 3, "drop": 0.0, "window": 1, "run_mean": pytest.approx(0.2)}
+
+
+def test_run_mean_tells_an_early_learner_from_a_late_one_with_the_same_final():
+    early = [0.0] * 5 + [1.0] * 35
+    late = [0.0] * 30 + [1.0] * 10
+    se, sl = (st.curve_summary(list(range(1, 41)), v) for v in (early, late))
+    assert se["final"] == sl["final"] == 1.0
+    assert (se["run_mean"], sl["run_mean"]) == (pytest.approx(35 / 40), pytest.approx(10 / 40))
+    runs = {"early": {s: [{"step": i + 1, "reward_mean": {"r": v + 0.001 * s}} for i, v in enumerate(early)]
+                      for s in range(5)},
+            "late": {s: [{"step": i + 1, "reward_mean": {"r": v + 0.001 * s}} for i, v in enumerate(late)]
+                     for s in range(5)}}
+    (pair,) = st.study_summary(runs, ["r"])["pairs"]
+    assert pair["final"]["reward/r"]["diff"] == pytest.approx(0.0)
+    assert pair["run_mean"]["reward/r"]["diff"] == pytest.approx(25 / 40)
+    assert pair["run_mean"]["reward/r"]["p_value"] == pytest.approx(2 / 252)  # separated 5 vs 5: the smallest p
+    from rvpo_async.study_report import study_markdown
+
+    md = study_markdown(st.study_summary(runs, ["r"]))
+    assert "| early | 0.877 ± 0.002 |" in md.split("## Mean over the run")[1]
+    assert "| early - late | +0.625" in md.split("## Mean over the run")[1]
 
 
 def test_lower_is_better_metric_reports_its_lowest_window_and_a_positive_drop():
