@@ -115,9 +115,10 @@ class RolloutConfig:
     # what a weight update does to responses being generated: `drain` (they finish under the old weights; no
     # response mixes versions) or `interrupt` (they stop, the weights load, they go on under the new ones)
     weight_update: Literal["drain", "interrupt"] = "drain"
-    # where an engine's vLLM engine core runs: `process` (AsyncLLM: a process of its own, fed over ZeroMQ) or
-    # `inproc` (a thread of the rollout actor's process steps it: no front-end process or serialisation)
-    engine_core: Literal["process", "inproc"] = "process"
+    # where an engine's vLLM engine core runs: `inproc` (a thread of the rollout actor's process steps it: no
+    # second process, no serialisation; starts faster) or `process` (vLLM's AsyncLLM: a process of its own, fed
+    # over ZeroMQ). Same tokens, same throughput here (BENCHMARKS.md)
+    engine_core: Literal["inproc", "process"] = "inproc"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -5,7 +5,7 @@ thread in the caller: on a small CPU box that front end costs about a third of a
 itself (BENCHMARKS.md). `InprocEngine` keeps the engine core, the scheduler and the model in the actor's own
 process: one thread steps a `vllm.v1.engine.llm_engine.LLMEngine` (an in-process engine core when
 VLLM_ENABLE_V1_MULTIPROCESSING=0, as actors.vllm_engine sets), and hands each step's outputs to the event loop.
-`rollout.engine_core: inproc` selects it; `process` (AsyncLLM) stays the default.
+`rollout.engine_core: inproc` (the default) selects it; `process` selects AsyncLLM.
 
 Every engine call runs under one lock, between steps. Paused ("keep"), the thread stops stepping and added
 requests wait in the scheduler, so requests added while paused start in one step. Paused with "abort", every

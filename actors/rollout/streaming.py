@@ -1,4 +1,8 @@
-"""Streaming rollout: one vLLM AsyncLLM engine keeping many groups in flight, each emitted once its G samples end.
+"""Streaming rollout: one vLLM engine keeping many groups in flight, each emitted once its G samples end.
+
+The engine is vLLM's AsyncLLM (`engine_core="process"`: its engine core in a process of its own) or
+actors.rollout.inproc.InprocEngine (`"inproc"`, the default: the same interface, the engine core stepped by a
+thread of this actor's process).
 
 `StreamingRollout` is an async Ray actor. `submit` hands it groups and returns at once; every sample runs as
 its own engine request (seed + j for sample j, as vLLM's n=G fan-out does), so the engine batches
@@ -67,7 +71,7 @@ class StreamingRollout:
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
                  weight_load: str = "repack", weight_update: str = "drain", ignore_eos: bool = False,
-                 engine_core: str = "process") -> None:
+                 engine_core: str = "inproc") -> None:
         apply_vllm_env()
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"rollout.weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")

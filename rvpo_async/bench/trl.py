@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-SYSTEMS = ("trl", "async", "sync", "async-inproc", "sync-inproc")  # -inproc: rollout.engine_core=inproc
+# a mode alone runs the config's engine core; MODE-CORE sets rollout.engine_core=CORE
+SYSTEMS = ("trl", "async", "sync", "async-inproc", "async-process", "sync-inproc", "sync-process")
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def bench_trl(argv: Sequence[str]) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the rung's)")
     p.add_argument("--window", type=parse_window, default=None, help="FIRST:LAST steps timed (default: the rung's)")
     p.add_argument("--systems", default="trl,async,sync",
-                   help="comma-separated subset of " + ",".join(SYSTEMS) + " (-inproc: rollout.engine_core=inproc)")
+                   help="comma-separated subset of " + ",".join(SYSTEMS) + " (MODE-CORE: rollout.engine_core=CORE)")
     p.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: torch's)")
     p.add_argument("--port", type=int, default=21400, help="learner.master_port of the rvpo-async runs")
     p.add_argument("--out", default=None, help="run directories (default: a temp dir)")
@@ -242,7 +243,8 @@ def bench_trl(argv: Sequence[str]) -> int:
     for s in systems:
         print(f"  {s:12s} {_fmt(rates[s])}")
     pairs = [(x, "trl") for x in systems if x != "trl"] + [("async", "sync"), ("async-inproc", "sync-inproc"),
-                                                           ("async-inproc", "async"), ("sync-inproc", "sync")]
+                                                           ("async-process", "sync-process"),
+                                                           ("async-inproc", "async-process"), ("sync-inproc", "sync-process")]
     for num, den in pairs:
         if num in rates and den in rates:
             r = [x / y for x, y in zip(rates[num], rates[den])]

@@ -149,8 +149,8 @@ def test_restarted_rollout_engine_catches_up_and_the_run_completes(tmp_path, tin
     assert report["staleness"]["max"] <= cfg.staleness.max_staleness
 
 
-@pytest.mark.parametrize("transport, core", [("object_store", "process"), ("collective", "process"),
-                                             ("collective", "inproc")])
+@pytest.mark.parametrize("transport, core", [("object_store", "inproc"), ("collective", "inproc"),
+                                             ("collective", "process")])
 def test_interrupt_mode_interrupts_responses_and_keeps_the_staleness_bound(tmp_path, tiny_model_dir, ray_local,
                                                                            transport, core):
     """rollout.weight_update=interrupt, by either weight transport and either engine core: updates land while

@@ -53,7 +53,7 @@ def setup(tiny_model_dir: str):
     learner = LearnerGroup(cfg, tiny_model_dir)
     engine = StreamingRolloutActor.options(num_cpus=0.5, max_restarts=4).remote(
         "e0", tiny_model_dir, group_size=2, max_new_tokens=160, weight_update="interrupt",
-        ignore_eos=True)
+        ignore_eos=True, engine_core="process")  # AsyncLLM here; the pipeline's default (inproc) in test_train
     syncs = {"object_store": ObjectStoreSync(), "collective": CollectiveSync(port=21220, addr="127.0.0.1")}
     yield learner, engine, syncs
     learner.shutdown()

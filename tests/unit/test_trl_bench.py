@@ -4,6 +4,8 @@ tests/e2e/test_bench_trl.py runs TRL's GRPOTrainer for real)."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +44,28 @@ def test_table_prints_rates_ratios_and_differences(monkeypatch: pytest.MonkeyPat
     assert trl_bench.bench_trl(["--repeats", "2", "--steps", "5", "--window", "1:5", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert calls == ["trl", "async", "sync", "async", "sync", "trl"]  # interleaved, order rotated
-    assert "trl      32.00" in out and "sync     64.00" in out
+    assert "  trl             32.00" in out and "  sync            64.00" in out
     assert "async/trl: median of medians 0.67x" in out and "async/sync: median of medians 0.33x" in out
     assert "how the setups differ" in out
+
+
+def test_an_engine_core_system_runs_its_mode_with_that_core_and_prints_its_ratio(monkeypatch, tmp_path, capsys) -> None:
+    commands: list[list[str]] = []
+
+    def run(cmd, log, env):
+        commands.append(cmd)
+        run_dir = next(Path(c.split("=", 1)[1]) for c in cmd if c.startswith("run.output_dir="))
+        per_step = 1.0 if "rollout.engine_core=inproc" in cmd else 2.0
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"time": 1e9 + per_step * (i + 1), "trained_samples_total": 64 * (i + 1)}) + "\n"
+            for i in range(5)))
+
+    monkeypatch.setattr(trl_bench, "ensure_rung_model", lambda name, rung: str(tmp_path))
+    monkeypatch.setattr(trl_bench, "_run", run)
+    assert trl_bench.bench_trl(["--systems", "async-process,async-inproc", "--repeats", "1", "--steps", "5",
+                                "--window", "1:5", "--out", str(tmp_path)]) == 0
+    assert [("run.mode=async" in c, [x for x in c if x.startswith("rollout.engine_core=")]) for c in commands] == [
+        (True, ["rollout.engine_core=process"]), (True, ["rollout.engine_core=inproc"])]
+    assert "async-inproc/async-process: median of medians 2.00x" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        trl_bench.bench_trl(["--systems", "async-gpu"])
