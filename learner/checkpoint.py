@@ -173,7 +173,13 @@ def verify(path: str | Path) -> dict[str, Any]:
     """Check every file the manifest lists (presence, size, sha256); returns the manifest."""
     path = Path(path)
     manifest = read_json(path / MANIFEST)
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not isinstance(manifest.get("step"), int) or not all(
+            isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+            for i in files.values()):
+        raise CheckpointError(f"{path / MANIFEST} is not a checkpoint manifest (a step and, per file, its bytes and "
+                              f"sha256): damaged or edited")
+    for name, info in files.items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file missing: {f}")

@@ -112,3 +112,18 @@ def test_any_damage_to_a_checkpoint_file_is_an_error_naming_it_or_harmless(prist
     assert name == "manifest.json", f"damage ({how}) to {name} went unnoticed"
     good = ck.load(pristine.parent)
     assert (loaded.step, loaded.state, loaded.extra) == (good.step, good.state, good.extra)
+
+
+@pytest.mark.parametrize("edit", [("\"bytes\"", "\"bytez\""), ("\"sha256\"", "\"sha257\""), ("\"files\"", "\"filez\""),
+                                  ("\"step\"", "\"stop\"")])
+def test_a_manifest_that_is_valid_json_but_not_a_manifest_is_an_error_naming_it(pristine: Path, tmp_path_factory,
+                                                                                edit: tuple[str, str]) -> None:
+    """A flipped byte that renames a key keeps the manifest valid JSON (found by the fuzz test above)."""
+    root = tmp_path_factory.mktemp("renamed") / "root"
+    shutil.copytree(pristine.parent, root)
+    manifest = root / pristine.name / "manifest.json"
+    text = manifest.read_text()
+    assert edit[0] in text
+    manifest.write_text(text.replace(edit[0], edit[1]))
+    with pytest.raises(ck.CheckpointError, match="manifest.json is not a checkpoint manifest"):
+        ck.load(root)
