@@ -39,8 +39,10 @@ class BufferService:
         self._put_waits = 0
         self._put_wait_s = 0.0
 
-    async def put_group(self, group: RolloutGroup, timeout_s: float | None = None) -> float:
-        """Add a group, waiting while the buffer is full; returns the seconds spent waiting."""
+    async def put_group(self, group: RolloutGroup, timeout_s: float | None = None, judges: Any = None) -> float:
+        """Add a group, waiting while the buffer is full, then hand it to `judges` (the judge service actor)
+        when one is given; returns the seconds spent waiting. One call does both, so a group the buffer holds
+        is a group being judged even when the engine that sent it dies as soon as the call is sent."""
         start = time.monotonic()
         async with self._room:
             if not self._buf.has_room():
@@ -59,6 +61,8 @@ class BufferService:
             self._buf.add_group(group)
         waited = time.monotonic() - start
         self._put_wait_s += waited
+        if judges is not None:
+            await judges.submit.remote(group)
         return waited
 
     async def set_rewards(self, entries: Iterable[RewardEntry]) -> None:

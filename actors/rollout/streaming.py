@@ -7,7 +7,8 @@ thread of this actor's process).
 `StreamingRollout` is an async Ray actor. `submit` hands it groups and returns at once; every sample runs as
 its own engine request (seed + j for sample j, as vLLM's n=G fan-out does), so the engine batches
 continuously across groups and a short group never waits for a long one. When a group's G samples are done
-it goes straight to its sinks (`connect`: the buffer actor, then the judge pool actor), and the driver only
+it goes straight to its sinks (`connect`: the buffer actor, which stores it and hands it to the judge service
+actor in the same call), and the driver only
 learns its id and token count (`poll`). `generate` is the call-at-a-time form (sync mode, benchmarks).
 
 Weight updates (`rollout.weight_update`):
@@ -205,7 +206,8 @@ class StreamingRollout:
 
     # ------------------------------------------------------------------ streaming data path
     def connect(self, buffer: Any, judges: Any) -> None:
-        """Where finished groups go: `buffer.put_group` (waits while the buffer is full), then `judges.submit`."""
+        """Where finished groups go: `buffer.put_group(group, judges=judges)`, which waits while the buffer is full,
+        stores the group and hands it to the judge service, in one call."""
         self._sinks = (buffer, judges)
 
     async def submit(self, prompts: Sequence[Prompt], group_ids: Sequence[int],
@@ -223,8 +225,7 @@ class StreamingRollout:
         try:
             group = await self._finish_group(prompt, gid, started)
             buffer, judges = self._sinks  # type: ignore[misc]
-            await buffer.put_group.remote(group)
-            await judges.submit.remote(group)
+            await buffer.put_group.remote(group, judges=judges)  # the buffer hands it to the judges
             self._notices.append({"group_id": gid, "tokens": sum(len(s.token_ids) for s in group.samples),
                                   "samples": len(group.samples), "policy_version": group.policy_version})
         except Exception as e:  # the driver hears of it in poll() and stops the run naming this engine

@@ -145,3 +145,36 @@ def test_pull_split_returns_a_small_meta_object_and_the_table_as_a_second_ref(ra
     assert ray.get(meta_ref) == {"groups": 0} and ray.get(table_ref) is None
     assert ray.get(actor.stats.remote())["groups"]["ready"] == 1
     ray.kill(actor)
+
+
+def test_a_stored_group_reaches_the_judges_even_when_its_engine_died_after_sending_it(ray_local) -> None:
+    """The engine's one call stores the group and hands it to the judge service; the engine is killed while
+    that call waits for room, and the group still reaches the judges once a pull makes room."""
+    ray = ray_local
+
+    @ray.remote
+    class Judges:
+        def __init__(self) -> None:
+            self.got: list[int] = []
+
+        def submit(self, group: RolloutGroup) -> None:
+            self.got.append(group.group_id)
+
+        def ids(self) -> list[int]:
+            return self.got
+
+    @ray.remote
+    class Engine:
+        def deliver(self, buffer, judges, group: RolloutGroup) -> None:
+            buffer.put_group.remote(group, judges=judges)  # sent, not awaited: the engine dies next
+
+    actor = create_buffer_actor(small_config(capacity=1), JUDGES, persist_dir=None)
+    judges, engine = Judges.remote(), Engine.remote()
+    ray.get(actor.put_group.remote(make_group(1), judges=judges))
+    ray.get(actor.set_rewards.remote(entries(1)))
+    ray.get(engine.deliver.remote(actor, judges, make_group(2)))
+    wait_until(lambda: ray.get(actor.stats.remote())["producers_waiting"] == 1, "the engine's group to wait for room")
+    ray.kill(engine)
+    assert ray.get(actor.pull.remote(1, 0)).num_rows == 2  # room for group 2
+    wait_until(lambda: ray.get(judges.ids.remote()) == [1, 2], "group 2 to reach the judges")
+    assert ray.get(actor.stats.remote())["groups"]["pending"] == 1
