@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional
 
-from rvpo_async.rubric import DEFAULT_MAX_ITEMS, slot_names
+from rvpo_async.rubric import DEFAULT_MAX_ITEMS, rubric_without_engine, slot_names
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,14 @@ class JudgesConfig:
     autoscale: bool = False  # follow queue depth within [min_workers, max_workers]
     specs: list[JudgeSpec] = field(default_factory=list)
     engine: JudgeEngineConfig = field(default_factory=JudgeEngineConfig)  # serves the 'llm' judges
+
+    @property
+    def engine_names(self) -> list[str]:
+        """The judge engines the specs name: each 'llm' judge's, and a rubric judge's unless it asks an HTTP
+        judge or has no LLM tier (`engine: null`, every criterion graded by its check)."""
+        return sorted({s.params.get("engine", "default") for s in self.specs
+                       if s.kind == "llm" or (s.kind == "rubric" and s.params.get("base_url") is None
+                                              and not rubric_without_engine(s))})
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.min_workers <= self.num_workers <= self.max_workers:

@@ -23,17 +23,13 @@ class GpuShare:
     memory_share: float | None  # vLLM's gpu_memory_utilization; None for the learner (not bounded by vLLM)
 
 
-def _judge_engine_names(cfg: Any) -> list[str]:
-    return sorted({s.params.get("engine", "default") for s in cfg.judges.specs if s.kind == "llm"})
-
-
 def gpu_shares(cfg: Any) -> list[GpuShare]:
     """Every GPU-holding actor of a run with its Ray fraction and its memory share."""
     out = [GpuShare(f"rollout-{i}", "rollout", cfg.rollout.num_gpus, cfg.rollout.gpu_memory_utilization)
            for i in range(cfg.rollout.num_engines)]
     e = cfg.judges.engine
     out += [GpuShare(f"judge-engine-{n}", "judges.engine", e.num_gpus, e.gpu_memory_utilization)
-            for n in _judge_engine_names(cfg)]
+            for n in cfg.judges.engine_names]
     out += [GpuShare(f"learner-{i}", "learner", cfg.learner.num_gpus, None) for i in range(cfg.learner.num_ranks)]
     return [s for s in out if s.num_gpus > 0]
 

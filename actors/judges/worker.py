@@ -19,7 +19,6 @@ from actors.judges.factory import Builder, SlotJudge, build_judge, evaluate, eva
 from actors.judges.llm import JudgeEngine
 from rvpo_async.config import Config, JudgeSpec
 from rvpo_async.placement import actor_options
-from rvpo_async.rubric import rubric_without_engine
 from rvpo_async.types import JudgeResult, Prompt
 
 
@@ -68,11 +67,8 @@ JudgeWorker = ray.remote(SampleScorer)
 
 
 def judge_engine_names(cfg: Config) -> list[str]:
-    """The judge engines the specs name: each 'llm' judge's, and a rubric judge's unless it asks an HTTP
-    judge or has no LLM tier (`engine: null`, every criterion graded by its check)."""
-    return sorted({s.params.get("engine", "default") for s in cfg.judges.specs
-                   if s.kind == "llm" or (s.kind == "rubric" and s.params.get("base_url") is None
-                                          and not rubric_without_engine(s))})
+    """The judge engines a run starts (`judges.engine_names`)."""
+    return cfg.judges.engine_names
 
 
 def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> dict[str, Any]:

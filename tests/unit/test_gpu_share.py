@@ -27,6 +27,14 @@ def test_rollout_judge_engine_and_learner_pack_onto_one_gpu_with_shares_summing_
     assert actor_options("learner", cfg)["num_gpus"] == 0.25
 
 
+@pytest.mark.parametrize("rubric, engines", [("{engine: default}", ["judge-engine-default"]),
+                                             ("{engine: grader}", ["judge-engine-grader"]),
+                                             ("{engine: null}", []), ("{base_url: 'http://127.0.0.1:1/v1', model: m}", [])])
+def test_a_rubric_judge_engine_takes_its_gpu_share_unless_it_has_none(rubric, engines):
+    cfg = load_config(None, SHARED[:-1] + [f"judges.specs=[{{name: r, kind: rubric, params: {rubric}}}]"])
+    assert [s.name for s in gpu_shares(cfg) if s.key == "judges.engine"] == engines
+
+
 @pytest.mark.parametrize("key,over", [
     ("rollout.gpu_memory_utilization", ["rollout.num_gpus=0.5"]),  # the default share 0.9 > 0.5
     ("judges.engine.gpu_memory_utilization", ["judges.engine.num_gpus=0.3", "judges.engine.gpu_memory_utilization=0.31"]),
