@@ -66,6 +66,7 @@ def test_metric_name_extraction_finds_metrics_and_skips_functions_labels_and_key
 def exported_names() -> set[str]:
     """Every sample name a scrape of a run's metrics endpoint can return."""
     m = Metrics(["r"], ["r"])
+    m.record_rubric(0.5, 0.0, 0.1, [3], {"axis:any": 0.5})  # a tag's series exists once a batch carried the tag
     return {s.name for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
 
 
