@@ -31,7 +31,7 @@ from rvpo_async.study_stats import study_summary
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 # keys that change neither the data nor the math of a run: a run may differ in them and still count
 _IGNORED = {"run": ("resume", "overwrite", "progress"), "metrics": None, "ray": None, "checkpoint": None,
-            "learner": ("master_port",)}
+            "learner": ("master_port",), "rollout": ("engine_core",)}  # both engine cores sample the same tokens
 _STUDY_OWNED = ("run.seed", "run.output_dir", "run.resume", "run.overwrite")
 
 Runner = Callable[[Config], Any]

@@ -76,7 +76,7 @@ def test_a_finished_study_recomputes_nothing(tmp_path):
     # the same study again, and with overrides that change neither data nor math, starts no run
     again = _study(tmp_path, _never)
     _study(tmp_path, _never, overrides=BASE + ["metrics.port=23456", "checkpoint.every=3", "run.progress=true",
-                                         "learner.master_port=23457"])
+                                         "learner.master_port=23457", "rollout.engine_core=process"])
     assert again["variants"] == first["variants"] and again["pairs"] == first["pairs"]
     assert again["this_invocation"] == {"skipped": 4}
 
