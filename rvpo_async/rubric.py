@@ -84,7 +84,7 @@ def _points(item: dict[str, Any], field: str, weight_key: str) -> float:
 
 def _check(item: dict[str, Any], field: str) -> dict[str, Any] | None:
     """The item's rule, shape-checked ({"kind": str, "params": mapping}); its params are checked by the
-    loader, which builds it (actors.judges.factory.build_check)."""
+    loader, which builds it (actors.judges.rule_builders.build_check)."""
     if CHECK_KEY not in item:
         return None
     v = item[CHECK_KEY]
@@ -177,14 +177,11 @@ def rubric_stats(scores: np.ndarray, valid: np.ndarray, pitfall: np.ndarray,
                            "rubric_worst_mean": float(worst[has].mean()) if has.any() else math.nan,
                            "pitfall_rate": float((pv & ~met).sum() / npit) if npit else math.nan}
     if tags is not None:
-        names = sorted({t for row in tags for ts in row for t in ts})
-        by_tag = {}
-        for t in names:
-            sel = np.zeros(pitfall.shape, dtype=bool)
-            for b, row in enumerate(tags):
-                for m, ts in enumerate(row[:sel.shape[1]]):
-                    sel[b, m] = t in ts
-            vt = v & sel[:, None, :]
-            by_tag[t] = float((met & vt).sum() / vt.sum()) if vt.any() else math.nan
-        out["rubric_met_by_tag"] = by_tag
+        sel: dict[str, np.ndarray] = {}  # tag -> [B, M], where the prompt's criterion carries it
+        for b, row in enumerate(tags):
+            for m, ts in enumerate(row[:pitfall.shape[1]]):
+                for t in ts:
+                    sel.setdefault(t, np.zeros(pitfall.shape, dtype=bool))[b, m] = True
+        out["rubric_met_by_tag"] = {t: float((met & vt).sum() / vt.sum()) if vt.any() else math.nan
+                                    for t in sorted(sel) for vt in [v & sel[t][:, None, :]]}
     return out

@@ -2,8 +2,8 @@
 
 A judge is anything with `name`, a declared range `[low, high]` and `score(prompt, text) -> float`
 (the `Judge` protocol). The rule judges are cheap, deterministic CPU checks (`actors/judges/rules.py`)
-built from a `JudgeSpec` (kind + params) by `actors/judges/rule_builders.py`; `build_judge` is the one factory, a table from kind to
-builder, so a spec in the config maps to code you can jump to. LLM and HTTP judges live in
+built from a `JudgeSpec` (kind + params) by `actors/judges/rule_builders.py`; `build_judge` is the one
+factory, a table from kind to builder, so a spec in the config maps to code you can jump to. LLM and HTTP judges live in
 `actors/judges/llm.py`, the rubric judge in `actors/judges/rubric.py`; what every kind shares (the protocols,
 `Params`, `masked`) in `actors/judges/base.py`.
 

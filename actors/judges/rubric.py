@@ -13,12 +13,12 @@ are masked 'absent' (not zero). A pitfall (negative points) is asked as written,
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,20 +106,22 @@ class RubricJudge:
         criteria = from_meta(prompt.meta)[:self.slots]
         asked = [j for j, c in enumerate(criteria) if c.check is None]
         futs: dict[int, Future[float]] = {}
-        try:
-            if asked and self.ask is None:
-                raise ValueError("the criterion has no check and this judge has no LLM engine (engine: null)")
-            if asked:
+        if asked and self.ask is None:
+            futs = {j: _failed(ValueError("the criterion has no check and this judge has no LLM engine "
+                                          "(engine: null)")) for j in asked}
+        elif asked:
+            try:
                 questions = [judge_question(criteria[j].text, prompt.text, sample_text, self.mode) for j in asked]
-                futs = dict(zip(asked, self.ask(questions, self.mode)))  # type: ignore[misc]
-        except Exception as e:  # the judge tier refused the questions: every asked slot says why
-            futs = {j: _failed(ValueError(f"could not send the criteria: {type(e).__name__}: {e}")) for j in asked}
-        checked = [self._checked(j, c, prompt, sample_text) for j, c in enumerate(criteria) if c.check is not None]
+                futs = dict(zip(asked, self.ask(questions, self.mode)))
+            except Exception as e:  # the judge tier refused the questions: every asked slot says why
+                futs = {j: _failed(ValueError(f"could not send the criteria: {type(e).__name__}: {e}"))
+                        for j in asked}
+        checked = {j: self._checked(j, c, prompt, sample_text) for j, c in enumerate(criteria) if c.check is not None}
         wait_futures(list(futs.values()), timeout=self.timeout_s)
         out = []
         for j, c in enumerate(criteria):
-            if c.check is not None:
-                out.append(checked.pop(0))
+            if j in checked:
+                out.append(checked[j])
                 continue
             fut, latency = futs[j], time.perf_counter() - t0
             if not fut.done():
@@ -136,7 +138,7 @@ class RubricJudge:
         """Criterion j graded by its own rule (built once per distinct rule)."""
         key = json.dumps(c.check, sort_keys=True)
         if key not in self.rules:
-            self.rules[key] = build_check(c.check or {}, f"{self.name}/{j:02d}")
+            self.rules[key] = build_check(c.check, f"{self.name}/{j:02d}")
         t0 = time.perf_counter()
         try:
             value = self.rules[key].score(prompt, text)

@@ -66,16 +66,11 @@ class SampleScorer:
 JudgeWorker = ray.remote(SampleScorer)
 
 
-def judge_engine_names(cfg: Config) -> list[str]:
-    """The judge engines a run starts (`judges.engine_names`)."""
-    return cfg.judges.engine_names
-
-
 def create_judge_engines(cfg: Config, model_path: str, *, wait: bool = True) -> dict[str, Any]:
-    """One JudgeEngine per distinct `engine` param among the 'llm' judge specs, each serving the judge model
-    of `judges.engine` (`model_path`, the policy's starting model, when that names none). Waits until each
+    """One JudgeEngine per name of `judges.engine_names` (the 'llm' judges' and a rubric judge's), each serving
+    the judge model of `judges.engine` (`model_path`, the policy's starting model, when that names none). Waits until each
     has loaded its model (`wait`), so no judge's first deadline is spent on startup."""
-    names = judge_engine_names(cfg)
+    names = cfg.judges.engine_names
     judge_model = cfg.judges.engine
     path = judge_model.model_path or model_path
     max_len = judge_model.max_model_len or cfg.model.max_model_len

@@ -112,7 +112,7 @@ class InprocEngine:
                 del self._streams[out.request_id]
 
     def _fail_all(self, e: BaseException) -> None:
-        for rid, stream in list(self._streams.items()):
+        for stream in self._streams.values():
             stream.put(e)
         self._streams.clear()
 

@@ -242,9 +242,9 @@ def bench_trl(argv: Sequence[str]) -> int:
     print(f"samples/s, steps {window[0] + 1}-{window[1]} (median [min .. max] over {a.repeats} repeats):")
     for s in systems:
         print(f"  {s:12s} {_fmt(rates[s])}")
-    pairs = [(x, "trl") for x in systems if x != "trl"] + [("async", "sync"), ("async-inproc", "sync-inproc"),
-                                                           ("async-process", "sync-process"),
-                                                           ("async-inproc", "async-process"), ("sync-inproc", "sync-process")]
+    pairs = [(x, "trl") for x in systems if x != "trl"] + [
+        ("async", "sync"), ("async-inproc", "sync-inproc"), ("async-process", "sync-process"),
+        ("async-inproc", "async-process"), ("sync-inproc", "sync-process")]
     for num, den in pairs:
         if num in rates and den in rates:
             r = [x / y for x, y in zip(rates[num], rates[den])]

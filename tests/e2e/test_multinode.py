@@ -94,10 +94,9 @@ def multinode():
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the session's local instance (tests/conftest.py ray_local starts a new one when needed)
-    gcs, dashboard, agent = free_ports(range(21600, 21700), 3)
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, gcs_server_port=gcs, include_dashboard=True, dashboard_port=dashboard,
-        dashboard_agent_listen_port=agent))
+    gcs, dash, agent = free_ports(range(21600, 21700), 3)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, gcs_server_port=gcs, include_dashboard=True,
+                                                                dashboard_port=dash, dashboard_agent_listen_port=agent))
     try:
         # the Cluster records its address as this machine's current Ray cluster, which a plain ray.init() in
         # another process would then join; this test connects by address, so the record goes

@@ -13,7 +13,6 @@ import pytest
 
 from actors.judges.rule_builders import RULE_BUILDERS, build_check
 from actors.judges.rubric import RubricJudge, build_rubric_judge
-from actors.judges.worker import judge_engine_names
 from rvpo_async.config import JudgeSpec, load_config
 from rvpo_async.rubric import RubricError, as_meta, from_meta, parse_rubric
 from rvpo_async.task import PromptFileError, file_prompts, file_rows
@@ -125,8 +124,8 @@ def test_with_no_engine_the_loader_refuses_a_criterion_without_a_check(tmp_path)
 
 def test_engine_null_starts_no_judge_engine():
     rules = load_config(str(ROOT / "configs/tiny-cpu-rubric-rules.yaml"))
-    assert judge_engine_names(rules) == []
-    assert judge_engine_names(load_config(str(ROOT / "configs/tiny-cpu-rubric.yaml"))) == ["default"]
+    assert rules.judges.engine_names == []  # create_judge_engines starts one per name
+    assert load_config(str(ROOT / "configs/tiny-cpu-rubric.yaml")).judges.engine_names == ["default"]
 
 
 def test_the_shipped_verifiable_rubrics_load_with_a_working_check_on_every_criterion():
