@@ -55,7 +55,10 @@ def study_markdown(s: Mapping[str, Any]) -> str:
                   "over seeds (exact: every split of the pooled seeds; * marks a Monte Carlo p-value). With n "
                   "seeds per variant the smallest p-value possible is 2 / C(2n, n) (5 vs 5: 0.008). With few seeds "
                   "the percentile bootstrap interval is too narrow (it ignores how little the seeds tell about "
-                  "the spread): read the p-value first.", ""]
+                  "the spread): read the p-value first. q: the p-value adjusted by Benjamini-Hochberg over all "
+                  f"{s.get('tests', 0)} tests of this study (every pair, metric, final and run mean); at q < 0.05 "
+                  "the share of false findings among those called significant is held at 5%.", ""]
+        lines += _significant(s["pairs"], metrics)
         lines += _pair_table(s["pairs"], metrics, labels, "final")
     if all("run_mean" in v["metrics"][m] for v in variants.values() for m in metrics):
         lines += ["", "## Mean over the run (how early it was learned)", "",
@@ -70,6 +73,21 @@ def study_markdown(s: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _significant(pairs: Sequence[Mapping[str, Any]], metrics: Sequence[str], alpha: float = 0.05) -> list[str]:
+    """The tests that stay significant after the correction, smallest q first."""
+    if not any("q_value" in pair["final"][m] for pair in pairs for m in metrics):
+        return []
+    tests = [(pair[what][m], f"{pair['a']} - {pair['b']}", what, _label(m))
+             for pair in pairs for what in ("final", "run_mean") if what in pair for m in metrics]
+    found = sorted((t["q_value"], t["p_value"], ab, what, label, t["diff"])
+                   for t, ab, what, label in tests if t.get("q_value", 1.0) < alpha)
+    what_name = {"final": "final", "run_mean": "mean over the run"}
+    lines = [f"Significant at q < {alpha:g} ({len(found)}):", ""]
+    lines += [f"- {ab}, {label} ({what_name[what]}): {diff:+.3f}, p={p:.3g}, q={q:.3g}"
+              for q, p, ab, what, label, diff in found] or ["- none"]
+    return lines + [""]
+
+
 def _pair_table(pairs: Sequence[Mapping[str, Any]], metrics: Sequence[str], labels: Sequence[str],
                 what: str) -> list[str]:
     rows = []
@@ -77,8 +95,9 @@ def _pair_table(pairs: Sequence[Mapping[str, Any]], metrics: Sequence[str], labe
         cells = []
         for m in metrics:
             t = pair[what][m]
+            q = f" q={t['q_value']:.3g}" if "q_value" in t else ""
             cells.append(f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] "
-                         f"p={t['p_value']:.3g}{'' if t['exact'] else '*'}")
+                         f"p={t['p_value']:.3g}{'' if t['exact'] else '*'}{q}")
         rows.append([f"{pair['a']} - {pair['b']}"] + cells)
     return _table(["A - B"] + labels, rows)
 

@@ -15,7 +15,10 @@ Between two variants A and B, over their seeds (independent samples, one value p
 - diff = mean(A) - mean(B) of the final values;
 - a percentile bootstrap confidence interval of diff (each variant resampled on its own);
 - a two-sided permutation p-value of diff: exact over every split of the pooled seeds when there are at
-  most `exact_limit` splits (5 vs 5 seeds: 252), Monte Carlo with the (1 + hits) / (1 + draws) rule otherwise.
+  most `exact_limit` splits (5 vs 5 seeds: 252), Monte Carlo with the (1 + hits) / (1 + draws) rule otherwise;
+- a q-value: the p-value adjusted by Benjamini-Hochberg over every test of the study (each pair of variants,
+  each metric, final and run mean), so that the tests called significant at q < 0.05 hold a false discovery
+  rate of 5% however many metrics and variants the study has.
 """
 
 from __future__ import annotations
@@ -98,6 +101,22 @@ def permutation_p_value(a: Sequence[float], b: Sequence[float], *, exact_limit: 
     return (1 + hits) / (1 + n_perm), False
 
 
+def bh_adjust(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (q-values), in the input order: q_(i) = min over j >= i of
+    p_(j) * m / j for the sorted p-values, capped at 1."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.size == 0:
+        return []
+    if np.any(np.isnan(p)) or np.any(p < 0) or np.any(p > 1):
+        raise ValueError(f"p-values must lie in [0, 1], got {p_values!r}")
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * p.size / np.arange(1, p.size + 1)
+    q_sorted = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
+    q = np.empty_like(q_sorted)
+    q[order] = q_sorted
+    return [float(x) for x in q]
+
+
 def compare_samples(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
     lo, hi = bootstrap_diff_ci(a, b, level=level, seed=seed)
     p, exact = permutation_p_value(a, b, seed=seed)
@@ -163,5 +182,8 @@ def study_summary(runs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]],
                 [variants[b]["metrics"][m]["per_seed"][str(s)][what] for s in variants[b]["seeds"]], level=level)
                 for m in common}
         pairs.append(pair)
-    return {"metrics": common, "lower_is_better": sorted(LOWER_IS_BETTER & set(common)), "variants": variants,
+    tests = [pair[what][m] for pair in pairs for what in ("final", "run_mean") for m in common]
+    for t, q in zip(tests, bh_adjust([t["p_value"] for t in tests])):
+        t["q_value"] = q
+    return {"metrics": common, "tests": len(tests), "lower_is_better": sorted(LOWER_IS_BETTER & set(common)), "variants": variants,
             "pairs": pairs}

@@ -125,8 +125,10 @@ def test_study_json_and_md_carry_the_per_variant_and_pairwise_figures(tmp_path, 
     t = pair["final"]["reward/keyword"]
     assert t["diff"] == pytest.approx(0.1) and t["exact"] and t["p_value"] == pytest.approx(2 / 20)
     md = (tmp_path / "study.md").read_text()
-    for text in ("## Final value", "## Best value and late collapse", "gdpo - rvpo-k2", "all_met_share", "p=0.1"):
+    for text in ("## Final value", "## Best value and late collapse", "gdpo - rvpo-k2", "all_met_share", "p=0.1",
+                 f"over all {s['tests']} tests", "Significant at q < 0.05 (0):\n\n- none"):  # 3 vs 3: p >= 0.1
         assert text in md, text
+    assert f"q={t['q_value']:.3g}" in md and t["q_value"] >= t["p_value"]
     monkeypatch.undo()
     from rvpo_async.study_report import plot_study
 

@@ -144,6 +144,41 @@ def test_bad_inputs_are_errors():
         st.curve_summary([], [])
 
 
+# ---------------------------------------------------------------- multiple comparisons
+
+def _bh_reference(p):
+    """Benjamini-Hochberg by its definition: q_i = min over every p_j >= p_i of p_j * m / rank(p_j)."""
+    m = len(p)
+    ranked = sorted(p)
+    rank = {}
+    for r, v in enumerate(ranked, 1):
+        rank[v] = r  # ties take the largest rank, the step-up rule
+    return [min(1.0, min(v * m / rank[v] for v in p if v >= x)) for x in p]
+
+
+def test_bh_matches_a_worked_example():
+    # m = 4: sorted 0.01, 0.03, 0.04, 0.5 -> p * 4 / rank = 0.04, 0.06, 0.0533, 0.5; the step-up min over the
+    # larger ones makes the second 0.0533
+    assert st.bh_adjust([0.5, 0.03, 0.01, 0.04]) == pytest.approx([0.5, 0.16 / 3, 0.04, 0.16 / 3], abs=1e-12)
+
+
+def test_bh_matches_its_definition_on_random_and_tied_p_values():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        p = list(np.round(rng.random(int(rng.integers(1, 30))), 2))  # rounding makes ties
+        q = st.bh_adjust(p)
+        assert q == pytest.approx(_bh_reference(p), abs=1e-12)
+        assert all(qi >= pi - 1e-15 for qi, pi in zip(q, p))  # never smaller than the p-value
+        assert all(qa <= qb + 1e-15 for pa, qa in zip(p, q) for pb, qb in zip(p, q) if pa <= pb)  # order kept
+
+
+def test_bh_of_one_test_is_the_p_value_and_bad_p_values_are_errors():
+    assert st.bh_adjust([0.03]) == [0.03]
+    assert st.bh_adjust([]) == []
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        st.bh_adjust([0.1, 1.5])
+
+
 # ---------------------------------------------------------------- study summary
 
 def _rows(curve, keyword, *, extra=None):
@@ -164,6 +199,17 @@ def test_study_summary_pairs_variants_on_the_finals_of_every_metric():
     assert (pair["a"], pair["b"]) == ("a", "b")
     assert pair["final"]["reward/length"]["p_value"] == pytest.approx(2 / 252)
     assert pair["final"]["reward/length"]["diff"] == pytest.approx(a_len["final"]["mean"] - 0.5)
+
+
+def test_study_summary_adjusts_every_test_of_the_study_together():
+    up, flat = [i / 19 for i in range(20)], [0.5] * 20
+    runs = {"a": {s: _rows([x + 0.01 * s for x in up], flat) for s in range(5)},
+            "b": {s: _rows(flat, [0.5 - 0.01 * s] * 20) for s in range(5)},
+            "c": {s: _rows(flat, flat) for s in range(5)}}
+    out = st.study_summary(runs, ["length", "keyword"])
+    tests = [p[w][m] for p in out["pairs"] for w in ("final", "run_mean") for m in out["metrics"]]
+    assert out["tests"] == len(tests) == 3 * 2 * 3
+    assert [t["q_value"] for t in tests] == pytest.approx(_bh_reference([t["p_value"] for t in tests]), abs=1e-12)
 
 
 def test_study_summary_reports_the_optional_top_level_metrics_only_when_every_run_has_them():
