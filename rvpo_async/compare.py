@@ -235,8 +235,7 @@ def compare(config_path: str | None, overrides: Sequence[str], *, out_dir: str, 
     by_variant: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for r in finished:
         by_variant.setdefault(r.variant, {})[r.seed] = read_rows(r.run_dir / "metrics.jsonl")[:r.cfg.run.steps]
-    names = finished[0].cfg.reward_names
-    summary = study_summary(by_variant, names)
+    summary = study_summary(by_variant, study_reward_names(finished[0].cfg))
     summary.update({"config": config_path, "overrides": list(overrides), "seeds": list(seeds),
                     "variants_spec": {v.name: list(v.overrides) for v in vs}, "runs_finished": len(finished),
                     "runs_planned": len(runs), "this_invocation": actions})
@@ -249,6 +248,13 @@ def compare(config_path: str | None, overrides: Sequence[str], *, out_dir: str, 
     print(md)
     return summary
 
+
+
+def study_reward_names(cfg: Config) -> list[str]:
+    """The rewards a study reports one by one: every judge's but a rubric judge's slots (slot j is a different
+    criterion in each prompt, so its mean over prompts means nothing); the rubric measures and the met ratio
+    per tag stand for those."""
+    return [n for spec in cfg.judges.specs if spec.kind != "rubric" for n in spec.slot_names]
 
 
 def split_variant_args(variants: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], list[str]]:

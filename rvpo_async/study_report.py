@@ -36,6 +36,10 @@ def study_markdown(s: Mapping[str, Any]) -> str:
                 else "")
              + (" `all_met_share`: share of responses meeting every constraint." if "all_met_share" in metrics
                 else "")
+             + (" A rubric judge's slots are not reported one by one (slot j is a different criterion in each "
+                "prompt): `rubric_met_ratio` (share of criteria met), `rubric_worst_mean`, `pitfall_rate` and "
+                "`rubric_met/<tag>` (met ratio of the criteria with that tag) stand for them."
+                if "rubric_met_ratio" in metrics else "")
              + (" Lower is better for: " + ", ".join(s["lower_is_better"]) + "." if s.get("lower_is_better")
                 else ""), ""]
     lines += _table(["variant"] + labels, [[n] + [_ms(v["metrics"][m]["final"]) for m in metrics]

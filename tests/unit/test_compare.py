@@ -187,3 +187,15 @@ def test_cli_report_only_parses_variants_followed_by_global_overrides(tmp_path, 
     s = json.loads((tmp_path / "study.json").read_text())
     assert s["runs_finished"] == 4 and s["overrides"] == BASE and s["this_invocation"] == {}
     assert "gdpo - rvpo-k2" in capsys.readouterr().out
+
+
+def test_a_study_reports_rule_rewards_one_by_one_but_not_rubric_slots():
+    from rvpo_async.config import load_config
+
+    configs = Path(CONFIG).parent
+    assert cmp.study_reward_names(load_config(CONFIG)) == ["length", "format", "safety", "keyword"]
+    rubric = load_config(str(configs / "tiny-cpu-rubric-rules.yaml"))
+    assert rubric.reward_names[:2] == ["rubric/00", "rubric/01"] and cmp.study_reward_names(rubric) == []
+    mixed = load_config(str(configs / "tiny-cpu-rubric.yaml"))
+    assert [s.kind for s in mixed.judges.specs] == ["length", "rubric"]
+    assert cmp.study_reward_names(mixed) == ["length"]
