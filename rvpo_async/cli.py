@@ -69,11 +69,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from rvpo_async.driver import Interrupted
 
     try:
-        compare(args.config, overrides, variants=variants, aggregators=[a for a in aggregators.split(",") if a],
-                out_dir=args.out, seeds=seeds)
+        summary = compare(args.config, overrides, variants=variants,
+                          aggregators=[a for a in aggregators.split(",") if a], out_dir=args.out, seeds=seeds)
     except Interrupted as e:
         print(f"rvpo-async: study stopped ({e}); the same command resumes it", file=sys.stderr)
         return 130
+    if summary.get("failed"):
+        print(f"rvpo-async: {len(summary['failed'])} run(s) failed: "
+              + "; ".join(f"{f['variant']} seed {f['seed']}: {f['error']}" for f in summary["failed"])
+              + f" ({args.out}/progress.json); the same command tries them again", file=sys.stderr)
+        return 1
     return 0
 
 

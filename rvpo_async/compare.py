@@ -7,7 +7,9 @@ A variant is a name and a set of config overrides (`rvpo:algo.aggregator=rvpo al
 - an unfinished run with a matching config and a checkpoint continues from it (run.resume);
 - anything else (no checkpoint, another config) starts again in its directory.
 So a killed study, started again with the same command, picks up where it stopped. `<out>/progress.json`
-says where it stands; one study at a time holds `<out>/study.lock`.
+says where it stands; one study at a time holds `<out>/study.lock`. A run that fails (any error but a stop:
+Ctrl-C, SIGTERM) is marked failed with its error, and the study goes on with the others; it reports what
+finished and exits non-zero, and the same command tries the failed run again.
 
 Output: study.json (every summary and pairwise test: rvpo_async.study_stats), study.md (tables) and
 study.png (each metric over steps, mean over seeds with a band of one standard deviation).
@@ -19,13 +21,14 @@ import fcntl
 import json
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from rvpo_async.config import Config, ConfigError, from_dict, load_config
-from rvpo_async.fileio import atomic_write
+from rvpo_async.fileio import atomic_write, brief_error
 from rvpo_async.study_stats import study_summary
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -181,16 +184,35 @@ class _Lock:
         self._fh.close()
 
 
-def _write_progress(out: Path, runs: Sequence[PlannedRun], status: dict[tuple[str, int], str]) -> None:
+def _write_progress(out: Path, runs: Sequence[PlannedRun], status: dict[tuple[str, int], str],
+                    errors: Mapping[tuple[str, int], str] | None = None) -> None:
+    errors = errors or {}
+
+    def entry(r: PlannedRun) -> dict[str, Any]:
+        key = (r.variant, r.seed)
+        return {"variant": r.variant, "seed": r.seed, "dir": str(r.run_dir), "status": status[key],
+                **({"error": errors[key]} if key in errors else {})}
+
     doc = {"updated": time.time(),
            "counts": {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))},
-           "runs": [{"variant": r.variant, "seed": r.seed, "dir": str(r.run_dir), "status": status[(r.variant, r.seed)]}
-                    for r in runs]}
+           "runs": [entry(r) for r in runs]}
     atomic_write(out / "progress.json", json.dumps(doc, indent=2) + "\n")
 
 
-def execute(runs: Sequence[PlannedRun], out: Path, runner: Runner) -> Iterator[tuple[PlannedRun, str]]:
-    """Run what is not finished, one run at a time; yields (run, what was done: skipped|resumed|started)."""
+def _stops_the_study(e: BaseException) -> bool:
+    """Ctrl-C, exits and a run stopped by a signal (the driver's Interrupted, raised after its final checkpoint)
+    stop the study; any other error fails only its run."""
+    if not isinstance(e, Exception):
+        return True
+    driver = sys.modules.get("rvpo_async.driver")  # not imported: the error cannot be its Interrupted
+    return driver is not None and isinstance(e, driver.Interrupted)
+
+
+def execute(runs: Sequence[PlannedRun], out: Path, runner: Runner,
+            errors: dict[tuple[str, int], str] | None = None) -> Iterator[tuple[PlannedRun, str]]:
+    """Run what is not finished, one run at a time; yields (run, what was done: skipped|resumed|started|failed).
+    A failed run's error goes into `errors` (and progress.json) and the study goes on."""
+    errors = {} if errors is None else errors
     status = {(r.variant, r.seed): ("done" if run_status(r) == "done" else "pending") for r in runs}
     _write_progress(out, runs, status)
     for i, r in enumerate(runs, 1):
@@ -206,12 +228,20 @@ def execute(runs: Sequence[PlannedRun], out: Path, runner: Runner) -> Iterator[t
         cfg = r.cfg.override("run.resume=true", "run.overwrite=false") if state == "resume" else r.cfg
         try:
             runner(cfg)
-        except BaseException:
-            status[(r.variant, r.seed)] = "interrupted"
-            _write_progress(out, runs, status)
-            raise
+        except BaseException as e:
+            if _stops_the_study(e):
+                status[(r.variant, r.seed)] = "interrupted"
+                _write_progress(out, runs, status, errors)
+                raise
+            errors[(r.variant, r.seed)] = brief_error(e)
+            status[(r.variant, r.seed)] = "failed"
+            _write_progress(out, runs, status, errors)
+            print(f"{tag}: failed ({brief_error(e)}); the study goes on, and the same command tries this run again",
+                  file=sys.stderr, flush=True)
+            yield r, "failed"
+            continue
         status[(r.variant, r.seed)] = "done" if run_status(r) == "done" else "unfinished"
-        _write_progress(out, runs, status)
+        _write_progress(out, runs, status, errors)
         yield r, "resumed" if state == "resume" else "started"
 
 
@@ -224,21 +254,23 @@ def compare(config_path: str | None, overrides: Sequence[str], *, out_dir: str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     actions: dict[str, int] = {}
+    errors: dict[tuple[str, int], str] = {}
     with _Lock(out / "study.lock"):
         if run:
-            for _r, action in execute(runs, out, runner or _default_runner):
+            for _r, action in execute(runs, out, runner or _default_runner, errors):
                 actions[action] = actions.get(action, 0) + 1
         finished = [r for r in runs if run_status(r) == "done"]
+    failed = [{"variant": v, "seed": s, "error": e} for (v, s), e in errors.items()]
     if not finished:
         print(f"no finished run under {out} yet: nothing to summarise", flush=True)
-        return {"runs_finished": 0, "runs_planned": len(runs), "this_invocation": actions}
+        return {"runs_finished": 0, "runs_planned": len(runs), "this_invocation": actions, "failed": failed}
     by_variant: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for r in finished:
         by_variant.setdefault(r.variant, {})[r.seed] = read_rows(r.run_dir / "metrics.jsonl")[:r.cfg.run.steps]
     summary = study_summary(by_variant, study_reward_names(finished[0].cfg))
     summary.update({"config": config_path, "overrides": list(overrides), "seeds": list(seeds),
                     "variants_spec": {v.name: list(v.overrides) for v in vs}, "runs_finished": len(finished),
-                    "runs_planned": len(runs), "this_invocation": actions})
+                    "runs_planned": len(runs), "this_invocation": actions, "failed": failed})
     from rvpo_async.study_report import plot_study, study_markdown
 
     (out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")

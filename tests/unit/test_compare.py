@@ -26,14 +26,15 @@ def _quick_plots(monkeypatch):
 class FakeRunner:
     """Writes what a real run leaves behind; `stop_after` steps imitates a run killed after a checkpoint."""
 
-    def __init__(self, stop_after: int | None = None, fail_on_call: int | None = None) -> None:
+    def __init__(self, stop_after: int | None = None, fail_on_call: int | None = None,
+                 error: BaseException = KeyboardInterrupt("killed")) -> None:
         self.calls: list[Config] = []
-        self.stop_after, self.fail_on_call = stop_after, fail_on_call
+        self.stop_after, self.fail_on_call, self.error = stop_after, fail_on_call, error
 
     def __call__(self, cfg: Config) -> dict:
         self.calls.append(cfg)
         if self.fail_on_call == len(self.calls):
-            raise KeyboardInterrupt("killed")
+            raise self.error
         run = Path(cfg.run.output_dir)
         run.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run / "config.yaml")
@@ -199,3 +200,45 @@ def test_a_study_reports_rule_rewards_one_by_one_but_not_rubric_slots():
     mixed = load_config(str(configs / "tiny-cpu-rubric.yaml"))
     assert [s.kind for s in mixed.judges.specs] == ["length", "rubric"]
     assert cmp.study_reward_names(mixed) == ["length"]
+
+
+def test_a_failed_run_is_recorded_and_the_study_goes_on_then_the_same_command_retries_it(tmp_path):
+    runner = FakeRunner(fail_on_call=2, error=RuntimeError("engine died\nActorDiedError: rollout-0 is dead"))
+    s = _study(tmp_path, runner)
+    assert len(runner.calls) == 4  # the runs after the failed one still ran
+    assert s["failed"] == [{"variant": "gdpo", "seed": 1, "error": "RuntimeError: ActorDiedError: rollout-0 is dead"}]
+    assert s["runs_finished"] == 3 and s["variants"]["gdpo"]["seeds"] == [0]
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["counts"] == {"done": 3, "failed": 1}
+    (bad,) = [r for r in progress["runs"] if r["status"] == "failed"]
+    assert (bad["variant"], bad["seed"], bad["error"]) == ("gdpo", 1, s["failed"][0]["error"])
+    runner = FakeRunner()
+    s = _study(tmp_path, runner)
+    assert [(Path(c.run.output_dir).parent.name, c.run.seed) for c in runner.calls] == [("gdpo", 1)]
+    assert s["failed"] == [] and s["runs_finished"] == 4
+
+
+def test_a_run_stopped_by_a_signal_stops_the_study(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    class Interrupted(RuntimeError):
+        pass
+
+    monkeypatch.setitem(sys.modules, "rvpo_async.driver", types.SimpleNamespace(Interrupted=Interrupted))
+    runner = FakeRunner(fail_on_call=2, error=Interrupted("SIGTERM"))
+    with pytest.raises(Interrupted):
+        _study(tmp_path, runner)
+    assert len(runner.calls) == 2
+    assert json.loads((tmp_path / "progress.json").read_text())["counts"] == {
+        "done": 1, "interrupted": 1, "pending": 2}
+
+
+def test_the_cli_exits_non_zero_naming_each_failed_run(tmp_path, monkeypatch, capsys):
+    from rvpo_async.cli import main
+
+    monkeypatch.setattr(cmp, "_default_runner", FakeRunner(fail_on_call=1, error=ValueError("bad row 3")))
+    argv = ["compare", "--config", CONFIG, "--out", str(tmp_path), "--seeds", "0", "--variants", *VARIANTS, *BASE]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "1 run(s) failed: gdpo seed 0: ValueError: bad row 3" in err and "tries them again" in err
