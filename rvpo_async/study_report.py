@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -126,10 +127,12 @@ def plot_study(runs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]], me
             n = min(len(rows) for rows in by_seed.values())
             vals = np.array([metric_values(list(rows)[:n], m) for rows in by_seed.values()])  # [seeds, steps]
             steps = np.arange(1, n + 1)
-            mean = vals.mean(0)
+            with warnings.catch_warnings():  # a tag no seed measured at a step: a gap in the line
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(vals, 0)
+                sd = np.nanstd(vals, 0, ddof=1) if vals.shape[0] > 1 else None
             line, = ax.plot(steps, mean, label=name)
-            if vals.shape[0] > 1:
-                sd = vals.std(0, ddof=1)
+            if sd is not None:
                 ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(_label(m))
         ax.set_xlabel("step")

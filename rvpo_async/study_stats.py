@@ -34,6 +34,9 @@ LOWER_IS_BETTER = frozenset({"pitfall_rate"})
 TOP_LEVEL_METRICS = ("worst_reward_mean", "all_met_share", "rubric_met_ratio", "rubric_worst_mean", "pitfall_rate")
 REWARD_PREFIX = "reward/"
 TAG_PREFIX = "rubric_met/"  # a rubric tag's met ratio (metrics.jsonl `rubric_met_by_tag`)
+# a step whose batch had no criterion with a tag has no met ratio for it: a tag is reported when at least this
+# share of a run's steps measured it, and summarised over those steps
+TAG_MIN_SHARE = 0.5
 
 
 def tail_length(n_steps: int) -> int:
@@ -126,26 +129,37 @@ def compare_samples(a: Sequence[float], b: Sequence[float], *, level: float = 0.
 
 # ---------------------------------------------------------------- metrics.jsonl rows
 
+def _tag_value(row: Mapping[str, Any], tag: str) -> float:
+    v = (row.get("rubric_met_by_tag") or {}).get(tag)
+    return math.nan if v is None else float(v)
+
+
 def metric_names(rows: Sequence[Mapping[str, Any]], reward_names: Sequence[str]) -> list[str]:
-    """The metrics every row carries: `reward/<name>` per reward, the top-level measures, then
-    `rubric_met/<tag>` per rubric tag."""
+    """The metrics of a run: `reward/<name>` per reward and the top-level measures that every row carries, then
+    `rubric_met/<tag>` per rubric tag measured on at least TAG_MIN_SHARE of the steps."""
     names = [REWARD_PREFIX + n for n in reward_names if rows and all(n in r.get("reward_mean", {}) for r in rows)]
     tags = sorted({t for r in rows for t in r.get("rubric_met_by_tag") or {}})
     return (names + [k for k in TOP_LEVEL_METRICS if rows and all(r.get(k) is not None for r in rows)]
-            + [TAG_PREFIX + t for t in tags if all((r.get("rubric_met_by_tag") or {}).get(t) is not None for r in rows)])
+            + [TAG_PREFIX + t for t in tags
+               if sum(not math.isnan(_tag_value(r, t)) for r in rows) >= TAG_MIN_SHARE * len(rows)])
 
 
 def metric_values(rows: Sequence[Mapping[str, Any]], metric: str) -> list[float]:
+    """One value per row; NaN for a tag on a step that did not measure it."""
     if metric.startswith(REWARD_PREFIX):
         return [float(r["reward_mean"][metric[len(REWARD_PREFIX):]]) for r in rows]
     if metric.startswith(TAG_PREFIX):
-        return [float(r["rubric_met_by_tag"][metric[len(TAG_PREFIX):]]) for r in rows]
+        return [_tag_value(r, metric[len(TAG_PREFIX):]) for r in rows]
     return [float(r[metric]) for r in rows]
 
 
 def run_summary(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
-    steps = [int(r["step"]) for r in rows]
-    return {m: curve_summary(steps, metric_values(rows, m), lower_is_better=m in LOWER_IS_BETTER) for m in metrics}
+    """Each metric's curve summary over the steps that measured it."""
+    out = {}
+    for m in metrics:
+        points = [(int(r["step"]), v) for r, v in zip(rows, metric_values(rows, m)) if not math.isnan(v)]
+        out[m] = curve_summary([s for s, _ in points], [v for _, v in points], lower_is_better=m in LOWER_IS_BETTER)
+    return out
 
 
 def _mean_std(xs: Sequence[float]) -> dict[str, float]:

@@ -62,14 +62,33 @@ def test_prometheus_gauge_per_tag_is_nan_where_the_batch_had_none():
     assert 'rvpo_rubric_met_ratio_by_tag{tag="axis:format"} NaN' in body
 
 
-def test_a_study_reports_each_tag_that_every_step_measured():
-    def rows(word, fmt_every_step=True):
-        return [{"step": i + 1, "reward_mean": {"r": 0.5},
-                 "rubric_met_by_tag": {"axis:word": word, "axis:format": 0.9 if fmt_every_step or i else None}}
-                for i in range(10)]
-    runs = {"a": {s: rows(0.1 * s) for s in range(3)}, "b": {s: rows(0.5, fmt_every_step=s != 1) for s in range(3)}}
+def test_a_study_reports_each_tag_most_steps_measured_over_the_steps_that_did():
+    def rows(word, gaps=()):
+        # axis:format: 0.2 on steps 1-9, 0.8 on step 10, unmeasured (null or absent) on the steps in gaps;
+        # axis:rare: measured on steps 1-4 only
+        out = [{"step": i + 1, "reward_mean": {"r": 0.5},
+                "rubric_met_by_tag": {"axis:word": word, "axis:format": 0.8 if i == 9 else 0.2,
+                                      **({"axis:rare": 1.0} if i < 4 else {})}} for i in range(10)]
+        for i in gaps:
+            out[i]["rubric_met_by_tag"]["axis:format"] = None if i % 2 else out[i]["rubric_met_by_tag"].pop("axis:format")
+        return out
+    runs = {"a": {s: rows(0.1 * s) for s in range(3)}, "b": {s: rows(0.5, gaps=(9,) if s == 1 else ()) for s in range(3)}}
     out = st.study_summary(runs, ["r"])
-    assert out["metrics"] == ["reward/r", "rubric_met/axis:word"]  # axis:format is missing from one step of b
+    assert out["metrics"] == ["reward/r", "rubric_met/axis:format", "rubric_met/axis:word"]  # axis:rare: 4 of 10
     assert out["variants"]["a"]["metrics"]["rubric_met/axis:word"]["final"]["mean"] == pytest.approx(0.1)
+    b_format = out["variants"]["b"]["metrics"]["rubric_met/axis:format"]["per_seed"]
+    assert b_format["0"]["final"] == pytest.approx(0.8) and b_format["0"]["run_mean"] == pytest.approx(0.26)
+    # seed 1 did not measure step 10: its final is step 9's, its mean over the 9 steps it measured
+    assert b_format["1"]["final"] == pytest.approx(0.2) and b_format["1"]["run_mean"] == pytest.approx(0.2)
+    assert b_format["1"]["best_step"] == 1
     (pair,) = out["pairs"]
     assert pair["final"]["rubric_met/axis:word"]["diff"] == pytest.approx(0.1 - 0.5)
+    assert math.isnan(st.metric_values(runs["b"][1], "rubric_met/axis:format")[9])
+
+
+def test_a_study_plot_leaves_a_gap_where_no_seed_measured_a_tag(tmp_path):
+    from rvpo_async.study_report import plot_study
+
+    rows = [{"step": i + 1, "rubric_met_by_tag": {"axis:x": None if i == 2 else 0.5}} for i in range(5)]
+    plot_study({"a": {0: rows, 1: rows}}, ["rubric_met/axis:x"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
