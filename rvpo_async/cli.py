@@ -58,7 +58,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     seeds = [int(x) for x in args.seeds.split(",")]
     if args.detach:
         pid, log_path = detach(args.config, overrides, variants=variants, aggregators=aggregators, seeds=args.seeds,
-                               out_dir=args.out)
+                               out_dir=args.out, order=args.order)
         print(f"study running in the background (pid {pid}); log: {log_path}, progress: {args.out}/progress.json; "
               f"the same command again resumes it")
         return 0
@@ -70,7 +70,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     try:
         summary = compare(args.config, overrides, variants=variants,
-                          aggregators=[a for a in aggregators.split(",") if a], out_dir=args.out, seeds=seeds)
+                          aggregators=[a for a in aggregators.split(",") if a], out_dir=args.out, seeds=seeds,
+                          order=args.order)
     except Interrupted as e:
         print(f"rvpo-async: study stopped ({e}); the same command resumes it", file=sys.stderr)
         return 130
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorthand: one variant per aggregator (default mean,gdpo,rvpo when --variants is absent)")
     s.add_argument("--out", default="runs/compare")
     s.add_argument("--seeds", default="0", help="comma-separated run seeds")
+    s.add_argument("--order", choices=["variants", "seeds"], default="variants",
+                   help="run each variant's seeds in turn, or each seed's variants in turn (a study cut short "
+                        "then has whole seeds)")
     s.add_argument("--detach", action="store_true", help="run the study in the background (log in <out>/study.log)")
     s.add_argument("--report-only", action="store_true", help="summarise the finished runs; start none")
     s.add_argument("overrides", nargs="*", metavar="key=value")

@@ -84,9 +84,16 @@ class PlannedRun:
         return Path(self.cfg.run.output_dir)
 
 
+ORDERS = ("variants", "seeds")
+
+
 def plan(config_path: str | None, overrides: Sequence[str], variants: Sequence[Variant], seeds: Sequence[int],
-         out_dir: str | Path) -> list[PlannedRun]:
-    """Every (variant, seed) run's config, all checked before any run starts."""
+         out_dir: str | Path, order: str = "variants") -> list[PlannedRun]:
+    """Every (variant, seed) run's config, all checked before any run starts, in the order they run: each
+    variant's seeds in turn (`variants`), or each seed's variants in turn (`seeds`: a study cut short leaves
+    whole seeds, every variant on each)."""
+    if order not in ORDERS:
+        raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     for o in list(overrides) + [o for v in variants for o in v.overrides]:
         if o.split("=", 1)[0].strip() in _STUDY_OWNED:
             raise ConfigError(f"override {o!r}: the study sets {', '.join(_STUDY_OWNED)} itself (use --seeds, --out)")
@@ -100,6 +107,8 @@ def plan(config_path: str | None, overrides: Sequence[str], variants: Sequence[V
             except ConfigError as e:
                 raise ConfigError(f"variant {v.name!r}: {e}") from None
             runs.append(PlannedRun(v.name, seed, cfg))
+    if order == "seeds":
+        runs.sort(key=lambda r: seeds.index(r.seed))  # stable: the variants keep their order within a seed
     return runs
 
 
@@ -247,10 +256,10 @@ def execute(runs: Sequence[PlannedRun], out: Path, runner: Runner,
 
 def compare(config_path: str | None, overrides: Sequence[str], *, out_dir: str, variants: Sequence[str] = (),
             aggregators: Sequence[str] = (), seeds: Sequence[int] = (0,), runner: Runner | None = None,
-            run: bool = True) -> dict[str, Any]:
+            run: bool = True, order: str = "variants") -> dict[str, Any]:
     """Run (or, with run=False, only summarise) the study; returns study.json's content."""
     vs = build_variants(variants, aggregators)
-    runs = plan(config_path, overrides, vs, seeds, out_dir)
+    runs = plan(config_path, overrides, vs, seeds, out_dir, order)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     actions: dict[str, int] = {}
@@ -300,7 +309,7 @@ def split_variant_args(variants: Sequence[str], overrides: Sequence[str]) -> tup
 
 
 def detach(config_path: str, overrides: Sequence[str], *, variants: Sequence[str], aggregators: str, seeds: str,
-           out_dir: str) -> tuple[int, Path]:
+           out_dir: str, order: str = "variants") -> tuple[int, Path]:
     """Start the same study in a new session (it outlives this shell); returns (pid, log path)."""
     import subprocess
     import sys
@@ -309,7 +318,7 @@ def detach(config_path: str, overrides: Sequence[str], *, variants: Sequence[str
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "study.log"
     cmd = [sys.executable, "-m", "rvpo_async.cli", "compare", "--config", config_path, "--out", out_dir,
-           "--seeds", seeds, "--aggregators", aggregators, *overrides]
+           "--seeds", seeds, "--aggregators", aggregators, "--order", order, *overrides]
     if variants:
         cmd += ["--variants", *variants]
     with open(log_path, "a") as log:

@@ -242,3 +242,31 @@ def test_the_cli_exits_non_zero_naming_each_failed_run(tmp_path, monkeypatch, ca
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "1 run(s) failed: gdpo seed 0: ValueError: bad row 3" in err and "tries them again" in err
+
+
+def test_order_seeds_runs_every_variant_on_a_seed_before_the_next_seed(tmp_path):
+    runner = FakeRunner()
+    cmp.compare(CONFIG, BASE, out_dir=str(tmp_path), variants=VARIANTS, seeds=(3, 1), runner=runner, order="seeds")
+    assert [(Path(c.run.output_dir).parent.name, c.run.seed) for c in runner.calls] == [
+        ("gdpo", 3), ("rvpo-k2", 3), ("gdpo", 1), ("rvpo-k2", 1)]
+    runner = FakeRunner()
+    cmp.compare(CONFIG, BASE, out_dir=str(tmp_path), variants=VARIANTS, seeds=(3, 1, 2), runner=runner)
+    assert [(Path(c.run.output_dir).parent.name, c.run.seed) for c in runner.calls] == [("gdpo", 2), ("rvpo-k2", 2)]
+    with pytest.raises(ConfigError, match="order must be one of variants, seeds, got 'random'"):
+        cmp.compare(CONFIG, BASE, out_dir=str(tmp_path), variants=VARIANTS, runner=runner, order="random")
+
+
+def test_detach_passes_the_order_on(tmp_path, monkeypatch):
+    import subprocess
+
+    seen = {}
+
+    class Popen:
+        def __init__(self, cmd, **kw):
+            seen["cmd"], self.pid = cmd, 4242
+
+    monkeypatch.setattr(subprocess, "Popen", Popen)
+    pid, _ = cmp.detach(CONFIG, BASE, variants=VARIANTS, aggregators="", seeds="0,1", out_dir=str(tmp_path),
+                        order="seeds")
+    cmd = seen["cmd"]
+    assert pid == 4242 and cmd[cmd.index("--order") + 1] == "seeds" and cmd[-len(VARIANTS):] == VARIANTS
