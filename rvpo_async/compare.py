@@ -242,10 +242,10 @@ def execute(runs: Sequence[PlannedRun], out: Path, runner: Runner,
                 status[(r.variant, r.seed)] = "interrupted"
                 _write_progress(out, runs, status, errors)
                 raise
-            errors[(r.variant, r.seed)] = brief_error(e)
+            errors[(r.variant, r.seed)] = brief = brief_error(e)
             status[(r.variant, r.seed)] = "failed"
             _write_progress(out, runs, status, errors)
-            print(f"{tag}: failed ({brief_error(e)}); the study goes on, and the same command tries this run again",
+            print(f"{tag}: failed ({brief}); the study goes on, and the same command tries this run again",
                   file=sys.stderr, flush=True)
             yield r, "failed"
             continue
@@ -312,7 +312,6 @@ def detach(config_path: str, overrides: Sequence[str], *, variants: Sequence[str
            out_dir: str, order: str = "variants") -> tuple[int, Path]:
     """Start the same study in a new session (it outlives this shell); returns (pid, log path)."""
     import subprocess
-    import sys
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

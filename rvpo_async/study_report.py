@@ -80,12 +80,10 @@ def study_markdown(s: Mapping[str, Any]) -> str:
 
 def _significant(pairs: Sequence[Mapping[str, Any]], metrics: Sequence[str], alpha: float = 0.05) -> list[str]:
     """The tests that stay significant after the correction, smallest q first."""
-    if not any("q_value" in pair["final"][m] for pair in pairs for m in metrics):
-        return []
     tests = [(pair[what][m], f"{pair['a']} - {pair['b']}", what, _label(m))
-             for pair in pairs for what in ("final", "run_mean") if what in pair for m in metrics]
+             for pair in pairs for what in ("final", "run_mean") for m in metrics]
     found = sorted((t["q_value"], t["p_value"], ab, what, label, t["diff"])
-                   for t, ab, what, label in tests if t.get("q_value", 1.0) < alpha)
+                   for t, ab, what, label in tests if t["q_value"] < alpha)
     what_name = {"final": "final", "run_mean": "mean over the run"}
     lines = [f"Significant at q < {alpha:g} ({len(found)}):", ""]
     lines += [f"- {ab}, {label} ({what_name[what]}): {diff:+.3f}, p={p:.3g}, q={q:.3g}"
@@ -100,9 +98,8 @@ def _pair_table(pairs: Sequence[Mapping[str, Any]], metrics: Sequence[str], labe
         cells = []
         for m in metrics:
             t = pair[what][m]
-            q = f" q={t['q_value']:.3g}" if "q_value" in t else ""
             cells.append(f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] "
-                         f"p={t['p_value']:.3g}{'' if t['exact'] else '*'}{q}")
+                         f"p={t['p_value']:.3g}{'' if t['exact'] else '*'} q={t['q_value']:.3g}")
         rows.append([f"{pair['a']} - {pair['b']}"] + cells)
     return _table(["A - B"] + labels, rows)
 
