@@ -20,6 +20,9 @@ log-probs, hands them with the batch to `loss_fn`, and steps. What it owns is th
   ZeRO-2 reduces gradients in each backward): the count is agreed by an all-reduce and a rank short of data
   runs a zero-weighted pass on its first sequence.
 - staleness = learner version - policy_version is added to the batch before the loss sees it.
+- `learner.shared_prefix` (on by default) runs each distinct prompt of a micro-batch through the model once
+  and its G responses after its KV cache (learner/logprobs.py): the same log-probs and gradients, with the
+  prompt's G-1 repeats never computed. Micro-batches where no two rows share a prompt take the plain forward.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from learner.checkpoint import load_rank, save_rank
+from learner.logprobs import PrefixPlan, plan_prefix, shared_prefix_logprobs, token_logprobs
 from rvpo_async.config import LearnerConfig
 
 REQUIRED_KEYS = ("input_ids", "response_mask", "behaviour_logprobs", "advantages", "policy_version")
@@ -48,14 +52,6 @@ class LossFn(Protocol):
 
     def __call__(self, logprobs: torch.Tensor, proximal_logprobs: torch.Tensor,
                  batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[N, L, V] logits, [N, L] ids -> [N, L] log p(id_t | ids_<t) at `temperature`; 0 at t = 0."""
-    scaled = logits[:, :-1].float() / temperature  # [N, L-1, V]
-    picked = scaled.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [N, L-1]
-    lp = picked - torch.logsumexp(scaled, dim=-1)
-    return torch.nn.functional.pad(lp, (1, 0))  # [N, L]
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
@@ -150,6 +146,7 @@ class DeepSpeedLearner:
         except OSError as e:
             raise FileNotFoundError(f"learner cannot load the model at {model_path!r}: {e}") from e
         model.config.use_cache = False
+        self._pad_id = int(model.config.pad_token_id or 0)  # fills the shared-prefix path's padding (never attended)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config(cfg, self.world_size),
@@ -193,11 +190,24 @@ class DeepSpeedLearner:
         bounds = torch.linspace(0, n, int(count) + 1).round().long().tolist()
         return [slice(a, b) if b > a else None for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def _logprobs(self, mb: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
-        logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    def _plan(self, mb: Mapping[str, torch.Tensor]) -> PrefixPlan | None:
+        if not self.cfg.shared_prefix:
+            return None
+        return plan_prefix(mb["input_ids"], mb["attention_mask"], mb["response_mask"])
+
+    def _forward_logprobs(self, model: Any, mb: Mapping[str, torch.Tensor], plan: PrefixPlan | None,
+                          temperature: float) -> torch.Tensor:
+        if plan is not None:
+            return shared_prefix_logprobs(model, mb["input_ids"], mb["attention_mask"], plan, temperature,
+                                          self._pad_id)
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
         return token_logprobs(logits, mb["input_ids"], temperature)
 
-    def _reference_logprobs(self, mb: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    def _logprobs(self, mb: Mapping[str, torch.Tensor], plan: PrefixPlan | None, temperature: float) -> torch.Tensor:
+        return self._forward_logprobs(self.engine, mb, plan, temperature)
+
+    def _reference_logprobs(self, mb: Mapping[str, torch.Tensor], plan: PrefixPlan | None,
+                            temperature: float) -> torch.Tensor:
         if self._reference is None:
             from transformers import AutoModelForCausalLM
 
@@ -206,8 +216,7 @@ class DeepSpeedLearner:
             ref.config.use_cache = False
             self._reference = ref.requires_grad_(False).eval().to(self.engine.device)
         with torch.no_grad():
-            logits = self._reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            return token_logprobs(logits, mb["input_ids"], temperature)
+            return self._forward_logprobs(self._reference, mb, plan, temperature)
 
     def train_batch(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on this rank's share of the batch; call on all ranks together."""
@@ -219,18 +228,20 @@ class DeepSpeedLearner:
         dist.all_reduce(global_tokens)
         slices = self._micro_slices(n)
         micro = [{k: v[s if s is not None else slice(0, 1)] for k, v in b.items()} for s in slices]
+        plans = [self._plan(mb) for mb in micro]
         temperature = loss_fn.temperature
         if getattr(loss_fn, "needs_reference", False):
-            micro = [dict(mb, ref_logprobs=self._reference_logprobs(mb, temperature)) for mb in micro]
+            micro = [dict(mb, ref_logprobs=self._reference_logprobs(mb, plan, temperature))
+                     for mb, plan in zip(micro, plans)]
 
         self.engine.train()
         proximal: list[torch.Tensor | None] = [None] * len(micro)
         if self.cfg.recompute_proximal:
             with torch.no_grad():
-                proximal = [self._logprobs(mb, temperature) for mb in micro]
+                proximal = [self._logprobs(mb, plan, temperature) for mb, plan in zip(micro, plans)]
         parts: list[tuple[dict[str, float], float]] = []
-        for s, mb, prox in zip(slices, micro, proximal):
-            logprobs = self._logprobs(mb, temperature)
+        for s, mb, plan, prox in zip(slices, micro, plans, proximal):
+            logprobs = self._logprobs(mb, plan, temperature)
             # no optimizer step between micro-batches: this forward's weights are the proximal policy's
             loss, stats = loss_fn(logprobs, logprobs.detach() if prox is None else prox, mb)
             mb_tokens = float(mb["response_mask"].sum()) if s is not None else 0.0

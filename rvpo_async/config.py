@@ -239,6 +239,9 @@ class LearnerConfig:
     # run a separate no-grad forward for the proximal log-probs; off: one optimizer step per batch makes the
     # training forward's detached log-probs exactly the proximal ones
     recompute_proximal: bool = False
+    # run each distinct prompt of a micro-batch through the model once, its responses after its KV cache
+    # (learner/logprobs.py): the plain forward's log-probs and gradients without the prompt's G-1 repeats
+    shared_prefix: bool = True
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.zero_stage not in (0, 1, 2, 3):

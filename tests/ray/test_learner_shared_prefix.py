@@ -1,0 +1,87 @@
+"""`learner.shared_prefix` through a real DeepSpeed step: one rank (fp32) takes one optimizer step on batches of
+groups (G responses to each prompt) with each distinct prompt run once and with the plain forward; the loss,
+the importance weights, the KL to the reference model and the gradients agree to fp32 rounding, under ZeRO-2 and
+ZeRO-3 (which gathers parameters in each of the path's two forwards).
+
+Run in a child process: a rank initialises torch.distributed, which must not leak into the test session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ports import free_ports
+
+pytestmark = [pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROBE = r"""
+import json, os, sys
+import torch
+from learner.engine import DeepSpeedLearner
+from rvpo_async.loss import make_loss_fn
+from rvpo_async.config import Config
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "tests", "unit"))
+from test_learner_logprobs import grouped_batch
+
+model_dir = os.environ["MODEL_DIR"]
+batch = grouped_batch(400, prompt_lens=[9, 7, 9, 11], group=4, max_resp=8, seed=4)
+n = batch["input_ids"].shape[0]
+g = torch.Generator().manual_seed(5)
+batch.update(behaviour_logprobs=(-torch.rand(batch["input_ids"].shape, generator=g) * 2 - 5.5) * batch["response_mask"],
+             advantages=torch.randn(n, generator=g), policy_version=torch.zeros(n, dtype=torch.long))
+res = {}
+for stage in (2, 3):
+    out = {}
+    for shared in (False, True):
+        cfg = Config().override(f"learner.zero_stage={stage}", "learner.micro_batch_size=8", "learner.lr=1e-3",
+                                f"learner.shared_prefix={str(shared).lower()}", "algo.kl_coef=0.1")
+        learner = DeepSpeedLearner(model_dir, cfg.learner, seed=0)
+        grads = {}
+        def keep(opt, *_):  # the optimizer's own (under ZeRO, flat fp32) gradient tensors, the same layout in both runs
+            for i, p in enumerate(q for group in opt.param_groups for q in group["params"]):
+                grads[i] = p.grad.detach().clone()
+        learner.base_optimizer().register_step_pre_hook(keep)
+        plans = []
+        orig = learner._plan
+        learner._plan = lambda mb: plans.append(orig(mb)) or plans[-1]
+        stats = learner.train_batch(batch, make_loss_fn(cfg.algo, 0.9))
+        out[shared] = (stats, grads, [p is not None for p in plans])
+    (s0, g0, p0), (s1, g1, p1) = out[False], out[True]
+    r = {k: [s0[k], s1[k]] for k in ("loss", "is_weight_mean", "is_weight_max", "clip_frac", "kl_behaviour", "kl_ref", "grad_norm")}
+    r["plans"] = [p0, p1]
+    r["grad_max_abs_diff"] = max(float((g0[k] - g1[k]).abs().max()) for k in g0)
+    r["grad_max_abs"] = max(float(g0[k].abs().max()) for k in g0)
+    r["n_grads"] = len(g0)
+    res[stage] = r
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_a_deepspeed_step_with_each_prompt_run_once_equals_the_plain_forward_under_zero2_and_zero3(
+        tiny_model_dir: str) -> None:
+    port = free_ports(range(21340, 21380))[0]
+    env = dict(os.environ, ROOT=str(ROOT), MODEL_DIR=tiny_model_dir, PYTHONPATH=str(ROOT), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])
+    for stage, r in res.items():
+        # the plain run took the plain forward; the shared run shared prompts in both micro-batches
+        assert r["plans"] == [[False, False], [True, True]], (stage, r["plans"])
+        for key in ("loss", "is_weight_mean", "is_weight_max", "clip_frac", "kl_behaviour", "kl_ref", "grad_norm"):
+            a, b = r[key]
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (stage, key, a, b)
+        assert r["kl_ref"][0] == pytest.approx(0.0, abs=1e-6)  # the reference is the initial model
+        assert r["n_grads"] > 0 and r["grad_max_abs"] > 0
+        assert r["grad_max_abs_diff"] <= 1e-5 * r["grad_max_abs"], (stage, r)
