@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from rvpo_async.bench import BENCHES
+
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from rvpo_async.tiny_model import make_tiny_model
@@ -196,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     s.set_defaults(func=_cmd_chaos)
 
-    s = sub.add_parser("bench", help="benchmarks: algo, buffer, rollout, sync, pipeline (async vs sync), trl")
-    s.add_argument("what", choices=["algo", "buffer", "rollout", "sync", "pipeline", "trl"])
+    s = sub.add_parser("bench", help="benchmarks: algo, buffer, rollout, sync, learner, pipeline (async vs sync), trl")
+    s.add_argument("what", choices=list(BENCHES))
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)
     return p

@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rvpo_async")
 
-RAY_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+# OMP_WAIT_POLICY=PASSIVE: a learner rank with learner.num_threads > 1 shares its cores with the engines; its
+# OpenMP threads sleep at a barrier instead of spinning on a core another actor needs (BENCHMARKS.md, 135M rung)
+RAY_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu",
+           "TOKENIZERS_PARALLELISM": "false"}
 
 
 def init_ray(cfg: Config) -> bool:

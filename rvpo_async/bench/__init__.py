@@ -5,6 +5,7 @@ a ratio against a baseline run in the same process.
 - buffer: the Arrow GroupBuffer against a list-of-dicts store
 - rollout: generated tokens/s of the rollout engines on the tiny model
 - sync: seconds per GB of weights, learner -> vLLM engine, for both transports
+- learner: one DeepSpeed learner step, each distinct prompt run once against the plain forward
 - pipeline: async against sync training on the same config
 - trl: this project's async and sync modes against TRL's GRPOTrainer
 - driver (not a subcommand): `python -m rvpo_async.bench.driver`, driver CPU seconds per trained sample
@@ -24,6 +25,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "buffer": ("rvpo_async.bench.buffer", "bench_buffer"),
     "rollout": ("rvpo_async.bench.rollout", "bench_rollout"),
     "sync": ("rvpo_async.bench.sync", "bench_sync"),
+    "learner": ("rvpo_async.bench.learner", "bench_learner"),
     "pipeline": ("rvpo_async.bench.pipeline", "bench_pipeline"),
     "trl": ("rvpo_async.bench.trl", "bench_trl"),
 }

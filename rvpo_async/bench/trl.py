@@ -42,9 +42,12 @@ class Rung:
 LADDER: dict[str, Rung] = {
     "tiny": Rung(".cache/tiny-qwen2", 30, (6, 30)),
     "25m": Rung(".cache/qwen2-25m", 14, (4, 14), ("model.build_if_missing=false",)),
-    # 30 layers of 3 KV heads: 46 KB of KV cache per token, 384 MB holds a whole step's 64 sequences
-    "smollm2-135m": Rung(".cache/smollm2-135m", 8, (3, 8),
-                         ("model.build_if_missing=false", "rollout.kv_cache_memory_bytes=402653184")),
+    # 30 layers of 3 KV heads: 46 KB of KV cache per token, 384 MB holds a whole step's 64 sequences. A
+    # pretrained model trains at configs/smollm2-cpu.yaml's lr (5e-4 collapses its responses within a few steps,
+    # which shortens every system's steps); its learner is compute-bound and takes both threads
+    "smollm2-135m": Rung(".cache/smollm2-135m", 5, (2, 5),
+                         ("model.build_if_missing=false", "rollout.kv_cache_memory_bytes=402653184",
+                          "learner.lr=0.00001", "learner.num_threads=2")),
 }
 
 
@@ -185,7 +188,10 @@ how the setups differ (where they cannot be identical):
   - optimizer: TRL torch AdamW through accelerate; rvpo-async DeepSpeed (config's ZeRO stage), AdamW; same lr,
     weight decay, grad clip, constant schedule
   - threads: TRL one process with torch's threads ({trl_threads}); rvpo-async one thread per actor (engine,
-    learner, judge workers, buffer, driver) under Ray
+    judge workers, buffer, driver) and {learner_threads} torch thread(s) per learner rank, under Ray
+  - learner forward: TRL runs every row (prompt + completion) whole; rvpo-async with learner.shared_prefix
+    ({shared_prefix}) runs each distinct prompt once and its G responses after its KV cache (the same
+    log-probs and gradients: tests/unit/test_learner_logprobs.py)
   - data: async mode trains on samples up to staleness.max_staleness policy versions old; TRL and sync on-policy
   - prompt order: each system shuffles the same prompt set with its own sampler"""
 
@@ -253,7 +259,11 @@ def bench_trl(argv: Sequence[str]) -> int:
     if "trl" in systems:
         import torch
 
-        print(DIFFERENCES.format(trl_threads=a.trl_threads or torch.get_num_threads()))
+        from rvpo_async.config import load_config
+
+        lcfg = load_config(a.config, overrides).learner
+        print(DIFFERENCES.format(trl_threads=a.trl_threads or torch.get_num_threads(), learner_threads=lcfg.num_threads,
+                                 shared_prefix=str(lcfg.shared_prefix).lower()))
     return 0
 
 
