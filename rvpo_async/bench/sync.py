@@ -106,7 +106,7 @@ def _object_store_parts(learner: Any, engine: Any, version: int, repeat: int, co
         ray.get(engine.update_weights.remote(version, ref))
         export.append(t1 - t0)
         load.append(time.perf_counter() - t1)
-    for part, times in (("learner export into the object store", export), ("engine call and load", load)):
+    for part, times in (("export (blob, object store)", export), ("engine call and load", load)):
         sec = min(times)
         print(f"    {'of which ' + part:42s} {sec:8.3f} s  {sec / gb:7.2f} s/GB  {sec / copy_s:5.1f}x memory copy")
     return version
