@@ -90,6 +90,28 @@ def engine_breakdown(model_dir: Path, nbytes: int, repeat: int) -> None:
         print(f"  {name:46s} {sec:8.3f} s  {sec / gb:7.2f} s/GB  {sec / copy_s:5.1f}x memory copy")
 
 
+def _object_store_parts(learner: Any, engine: Any, version: int, repeat: int, copy_s: float, gb: float) -> int:
+    """The object-store sync in its two halves, each timed to its end (best of `repeat`): the learner's export
+    (gathering the weights into one safetensors blob, which Ray copies into the object store) and the engine's
+    call (reading the blob from the object store without a copy, loading it into the model)."""
+    import ray
+
+    export, load = [], []
+    for _ in range(repeat):
+        version += 1
+        t0 = time.perf_counter()
+        ref = learner.export_blob()
+        ray.wait([ref], fetch_local=False)
+        t1 = time.perf_counter()
+        ray.get(engine.update_weights.remote(version, ref))
+        export.append(t1 - t0)
+        load.append(time.perf_counter() - t1)
+    for part, times in (("export (blob, object store)", export), ("engine call and load", load)):
+        sec = min(times)
+        print(f"    {'of which ' + part:42s} {sec:8.3f} s  {sec / gb:7.2f} s/GB  {sec / copy_s:5.1f}x memory copy")
+    return version
+
+
 def bench_sync(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="rvpo-async bench sync", description=__doc__)
     p.add_argument("--hidden", type=int, default=1024)
@@ -157,6 +179,8 @@ def bench_sync(argv: Sequence[str]) -> int:
                 label = f"{name}, weight_load={mode}"
                 print(f"  {label:44s} {best:8.3f} s  {best / gb:7.2f} s/GB  {best / copy_s:5.1f}x memory copy "
                       f"(median {med / gb:.2f} s/GB over {a.repeat})", flush=True)
+                if name == "object store":
+                    version = _object_store_parts(learner, engine, version, a.repeat, copy_s, gb)
             builds += 1
             ray.kill(engine)
             engine = None

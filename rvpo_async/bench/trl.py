@@ -234,7 +234,8 @@ def bench_trl(argv: Sequence[str]) -> int:
                  f"learner.master_port={a.port}", *a.overrides]
     work = Path(a.out or tempfile.mkdtemp(prefix="rvpo-bench-trl-"))
     rates: dict[str, list[float]] = {s: [] for s in systems}
-    print(f"bench trl: model {a.model} ({a.model_path}), config {a.config} {' '.join(a.overrides)}; {steps} steps, "
+    print(f"bench trl: model {a.model} ({a.model_path}), config {a.config} {' '.join([*rung.overrides, *a.overrides])}; "
+          f"{steps} steps, "
           f"window {window[0]}:{window[1]}, {a.repeats} repeats; runs in {work}", flush=True)
     for rep in range(a.repeats):
         order = systems[rep % len(systems):] + systems[:rep % len(systems)]
