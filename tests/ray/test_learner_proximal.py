@@ -2,24 +2,16 @@
 on the same batch with `learner.recompute_proximal` off (the training forward's log-probs, detached) and on
 (a separate no-grad forward first); loss, importance weights and gradients agree to 1e-6.
 
-Run in a child process: a rank initialises torch.distributed, which must not leak into the test session.
+Run in a child process (tests/rank_probe.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from ports import free_ports
+from rank_probe import run_rank_probe
 
 pytestmark = [pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = r"""
 import json, os, sys
@@ -57,15 +49,7 @@ print("RESULT " + json.dumps(res))
 
 def test_training_forward_log_probs_give_the_loss_weights_and_gradients_of_a_separate_proximal_forward(
         tiny_model_dir: str) -> None:
-    port = free_ports(range(21300, 21340))[0]
-    env = dict(os.environ, ROOT=str(ROOT), MODEL_DIR=tiny_model_dir, PYTHONPATH=str(ROOT), RANK="0", LOCAL_RANK="0",
-               WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
+    res = run_rank_probe(PROBE, tiny_model_dir, range(21300, 21340))
     for key in ("loss", "is_weight_mean", "is_weight_max", "clip_frac", "kl_behaviour", "grad_norm"):
         a, b = res[key]
         assert a == pytest.approx(b, rel=1e-6, abs=1e-6), (key, a, b)

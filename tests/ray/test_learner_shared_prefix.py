@@ -3,24 +3,16 @@ groups (G responses to each prompt) with each distinct prompt run once and with 
 the importance weights, the KL to the reference model and the gradients agree to fp32 rounding, under ZeRO-2 and
 ZeRO-3 (which gathers parameters in each of the path's two forwards).
 
-Run in a child process: a rank initialises torch.distributed, which must not leak into the test session.
+Run in a child process (tests/rank_probe.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from ports import free_ports
+from rank_probe import run_rank_probe
 
 pytestmark = [pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = r"""
 import json, os, sys
@@ -67,15 +59,7 @@ print("RESULT " + json.dumps(res))
 
 def test_a_deepspeed_step_with_each_prompt_run_once_equals_the_plain_forward_under_zero2_and_zero3(
         tiny_model_dir: str) -> None:
-    port = free_ports(range(21340, 21380))[0]
-    env = dict(os.environ, ROOT=str(ROOT), MODEL_DIR=tiny_model_dir, PYTHONPATH=str(ROOT), RANK="0", LOCAL_RANK="0",
-               WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
+    res = run_rank_probe(PROBE, tiny_model_dir, range(21340, 21380))
     for stage, r in res.items():
         # the plain run took the plain forward; the shared run shared prompts in both micro-batches
         assert r["plans"] == [[False, False], [True, True]], (stage, r["plans"])
