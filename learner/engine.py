@@ -195,16 +195,14 @@ class DeepSpeedLearner:
             return None
         return plan_prefix(mb["input_ids"], mb["attention_mask"], mb["response_mask"])
 
-    def _forward_logprobs(self, model: Any, mb: Mapping[str, torch.Tensor], plan: PrefixPlan | None,
-                          temperature: float) -> torch.Tensor:
+    def _logprobs(self, model: Any, mb: Mapping[str, torch.Tensor], plan: PrefixPlan | None,
+                  temperature: float) -> torch.Tensor:
+        """Token log-probs of `model` (the DeepSpeed engine or the frozen reference) on a micro-batch."""
         if plan is not None:
             return shared_prefix_logprobs(model, mb["input_ids"], mb["attention_mask"], plan, temperature,
                                           self._pad_id)
         logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
         return token_logprobs(logits, mb["input_ids"], temperature)
-
-    def _logprobs(self, mb: Mapping[str, torch.Tensor], plan: PrefixPlan | None, temperature: float) -> torch.Tensor:
-        return self._forward_logprobs(self.engine, mb, plan, temperature)
 
     def _reference_logprobs(self, mb: Mapping[str, torch.Tensor], plan: PrefixPlan | None,
                             temperature: float) -> torch.Tensor:
@@ -216,7 +214,7 @@ class DeepSpeedLearner:
             ref.config.use_cache = False
             self._reference = ref.requires_grad_(False).eval().to(self.engine.device)
         with torch.no_grad():
-            return self._forward_logprobs(self._reference, mb, plan, temperature)
+            return self._logprobs(self._reference, mb, plan, temperature)
 
     def train_batch(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on this rank's share of the batch; call on all ranks together."""
@@ -238,10 +236,10 @@ class DeepSpeedLearner:
         proximal: list[torch.Tensor | None] = [None] * len(micro)
         if self.cfg.recompute_proximal:
             with torch.no_grad():
-                proximal = [self._logprobs(mb, plan, temperature) for mb, plan in zip(micro, plans)]
+                proximal = [self._logprobs(self.engine, mb, plan, temperature) for mb, plan in zip(micro, plans)]
         parts: list[tuple[dict[str, float], float]] = []
         for s, mb, plan, prox in zip(slices, micro, plans, proximal):
-            logprobs = self._logprobs(mb, plan, temperature)
+            logprobs = self._logprobs(self.engine, mb, plan, temperature)
             # no optimizer step between micro-batches: this forward's weights are the proximal policy's
             loss, stats = loss_fn(logprobs, logprobs.detach() if prox is None else prox, mb)
             mb_tokens = float(mb["response_mask"].sum()) if s is not None else 0.0

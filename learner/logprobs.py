@@ -7,8 +7,8 @@ A GRPO step trains G responses to every prompt: a plain forward runs each prompt
 attention a prompt's hidden states do not depend on what follows it, so they can be computed once per distinct
 prompt and its keys and values handed to the G response rows. The log-probs of the response tokens, and the
 gradients that flow back into the prompt's positions (summed over its G rows by autograd), are those of the
-plain forward to float rounding (tests/unit/test_learner_logprobs.py in float64, tests/ray/test_learner_proximal.py
-through a DeepSpeed step).
+plain forward to float rounding (tests/unit/test_learner_logprobs.py in float64,
+tests/ray/test_learner_shared_prefix.py through a DeepSpeed step).
 
 The layout it reads is the learner's: right-padded rows, `response_mask` marking the tokens the loss trains.
 A row's prompt is everything before its first response token; what follows (responses, and any unmasked
