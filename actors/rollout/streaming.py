@@ -98,7 +98,8 @@ class StreamingRollout:
         self._notices: list[dict[str, Any]] = []
         self._failures: list[dict[str, Any]] = []
         self.counts = {"generated_tokens": 0, "interrupted_samples": 0, "interruptions": 0,
-                       "reprefilled_tokens": 0, "groups_emitted": 0, "weight_updates": 0, "tokens_streamed": 0}
+                       "reprefilled_tokens": 0, "groups_emitted": 0, "weight_updates": 0, "tokens_streamed": 0,
+                       "pause_seconds": 0.0, "load_seconds": 0.0}
 
     async def _setup(self) -> None:
         """Once, before the first request or update (a restarted actor too, whichever call comes first)."""
@@ -261,11 +262,15 @@ class StreamingRollout:
 
     async def _load(self, version: int, method: str, arg: Any) -> int:
         """Pause (drain or interrupt), run the weight receiver's `method`, resume serving `version`."""
+        t0 = time.perf_counter()
         await self._pause()
+        t1 = time.perf_counter()
         try:
             await self.engine.collective_rpc(method, args=(arg,))
         finally:
             version = await self._resume(version)
+        self.counts["pause_seconds"] += t1 - t0  # draining (or stopping) the requests in flight
+        self.counts["load_seconds"] += time.perf_counter() - t1
         return version
 
     async def update_weights(self, version: int, blob: Any) -> int:
