@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from learner.checkpoint import load_rank, save_rank
-from learner.logprobs import PrefixPlan, plan_prefix, shared_prefix_logprobs, token_logprobs
+from learner.logprobs import (PrefixPlan, masked_token_logprobs, plan_prefix, shared_prefix_logprobs,
+                              token_logprobs)
 from rvpo_async.config import LearnerConfig
 
 REQUIRED_KEYS = ("input_ids", "response_mask", "behaviour_logprobs", "advantages", "policy_version")
@@ -200,9 +201,9 @@ class DeepSpeedLearner:
         """Token log-probs of `model` (the DeepSpeed engine or the frozen reference) on a micro-batch."""
         if plan is not None:
             return shared_prefix_logprobs(model, mb["input_ids"], mb["attention_mask"], plan, temperature,
-                                          self._pad_id)
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        return token_logprobs(logits, mb["input_ids"], temperature)
+                                          self._pad_id, need=mb["response_mask"],
+                                          max_buckets=self.cfg.length_buckets)
+        return masked_token_logprobs(model, mb["input_ids"], mb["attention_mask"], mb["response_mask"], temperature)
 
     def _reference_logprobs(self, mb: Mapping[str, torch.Tensor], plan: PrefixPlan | None,
                             temperature: float) -> torch.Tensor:

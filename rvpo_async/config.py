@@ -242,18 +242,17 @@ class LearnerConfig:
     # run each distinct prompt of a micro-batch through the model once, its responses after its KV cache
     # (learner/logprobs.py): the plain forward's log-probs and gradients without the prompt's G-1 repeats
     shared_prefix: bool = True
+    # with shared_prefix: a micro-batch's responses run in up to this many forwards by length (1: one, padded)
+    length_buckets: int = 4
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.zero_stage not in (0, 1, 2, 3):
             yield "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
-        if self.num_ranks < 1:
-            yield "num_ranks", f"must be >= 1, got {self.num_ranks}"
-        if self.num_threads < 1:
-            yield "num_threads", f"must be >= 1, got {self.num_threads}"
+        for key in ("num_ranks", "num_threads", "micro_batch_size", "length_buckets"):
+            if getattr(self, key) < 1:
+                yield key, f"must be >= 1, got {getattr(self, key)}"
         if not self.lr > 0:
             yield "lr", f"must be > 0, got {self.lr}"
-        if self.micro_batch_size < 1:
-            yield "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}"
         if 10002 <= self.master_port <= 19999:
             yield "master_port", f"{self.master_port} lies in Ray's worker port range 10002-19999; pick another"
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from learner.engine import derive_attention_mask
-from learner.logprobs import plan_prefix, shared_prefix_logprobs, token_logprobs
+import learner.logprobs as logprobs_mod
+from learner.logprobs import (length_buckets, masked_token_logprobs, plan_prefix, shared_prefix_logprobs,
+                              token_logprobs)
 
 TEMPERATURE = 0.9
 
@@ -55,22 +57,44 @@ def model64(tiny_model_dir: str) -> Iterator[torch.nn.Module]:
         yield model.train()
 
 
-def plain_and_shared(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(log-probs, gradients) of a response-masked sum, by the plain forward and by the shared-prefix one."""
+def forwards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """(log-probs, gradients, rows through the output layer) of a response-masked sum, by the plain forward
+    ("plain"), the plain forward with the output layer at the response tokens only ("plain_masked"), the
+    shared-prefix one ("shared") and the shared-prefix one with the output layer at the response tokens only
+    ("shared_masked")."""
     ids, resp = batch["input_ids"], batch["response_mask"].double()
     attn = derive_attention_mask(batch)
     plan = plan_prefix(ids, attn, resp)
     assert plan is not None
-    out = []
+    head_rows: list[int] = []  # one entry per call of the output layer
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: head_rows.append(args[0].shape[:-1].numel()))
+    out = {}
     # a loss that weighs each token differently, so that a misplaced token would show in the gradients
     weights = torch.linspace(0.5, 1.5, ids.numel(), dtype=torch.float64).reshape(ids.shape) * resp
-    for fn in (lambda: token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, TEMPERATURE),
-               lambda: shared_prefix_logprobs(model, ids, attn, plan, TEMPERATURE)):
-        model.zero_grad()
-        lp = fn()
-        (lp * weights).sum().backward()
-        out.append({"lp": lp.detach() * resp, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}})
-    return out[0], out[1]
+    try:
+        for name, fn in (
+                ("plain", lambda: token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, TEMPERATURE)),
+                ("plain_masked", lambda: masked_token_logprobs(model, ids, attn, resp, TEMPERATURE)),
+                ("shared", lambda: shared_prefix_logprobs(model, ids, attn, plan, TEMPERATURE)),
+                ("shared_masked", lambda: shared_prefix_logprobs(model, ids, attn, plan, TEMPERATURE, need=resp)),
+                ("shared_buckets", lambda: shared_prefix_logprobs(model, ids, attn, plan, TEMPERATURE, need=resp,
+                                                                  max_buckets=3))):
+            model.zero_grad()
+            head_rows.clear()
+            lp = fn()
+            (lp * weights).sum().backward()
+            out[name] = {"lp": lp.detach() * resp, "raw": lp.detach(), "head_rows": sum(head_rows),
+                         "head_calls": len(head_rows),
+                         "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    finally:
+        hook.remove()
+    return out
+
+
+def plain_and_shared(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    out = forwards(model, batch)
+    return out["plain"], out["shared"]
 
 
 def test_shared_prefix_log_probs_and_gradients_equal_the_plain_forward_in_float64(model64: torch.nn.Module) -> None:
@@ -100,6 +124,70 @@ def test_shared_prefix_handles_unmasked_tokens_inside_a_response_and_unshared_ro
     torch.testing.assert_close(shared["lp"], plain["lp"], rtol=0, atol=1e-10)
     for name, grad in plain["grads"].items():
         torch.testing.assert_close(shared["grads"][name], grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_the_output_layer_runs_only_at_trained_tokens_and_changes_no_number(model64: torch.nn.Module) -> None:
+    """With `need` = the response mask, the vocabulary projection sees one row per trained token (the prompt's
+    last position included for the first response token) and nothing at padding or untrained tokens; the
+    log-probs of the trained tokens and every gradient equal the plain forward's to float64 rounding, and every
+    other position is exactly 0."""
+    vocab = model64.config.vocab_size
+    batch = grouped_batch(vocab, prompt_lens=[7, 5, 7], group=4, max_resp=9, seed=2)
+    resp = batch["response_mask"]
+    row = int(torch.nonzero(resp.sum(1) >= 5)[0])
+    first = int(torch.nonzero(resp[row])[0])
+    resp[row, first + 1:first + 3] = 0  # untrained tokens inside a response
+    out = forwards(model64, batch)
+    trained = int(resp.sum())
+    n, length = batch["input_ids"].shape
+    assert out["plain"]["head_rows"] == n * length  # every position of every row
+    assert out["plain_masked"]["head_rows"] == trained
+    assert out["shared_masked"]["head_rows"] == plan_prefix(
+        batch["input_ids"], derive_attention_mask(batch), resp.double()).num_prompts + trained - n
+    assert out["shared_masked"]["head_rows"] < out["shared"]["head_rows"]
+    for name in ("plain_masked", "shared_masked"):
+        torch.testing.assert_close(out[name]["lp"], out["plain"]["lp"], rtol=0, atol=1e-10, msg=name)
+        assert bool((out[name]["raw"][resp == 0] == 0).all()), name
+        for p, grad in out["plain"]["grads"].items():
+            torch.testing.assert_close(out[name]["grads"][p], grad, rtol=1e-9, atol=1e-10, msg=f"{name} {p}")
+
+
+def test_responses_in_length_buckets_give_the_same_log_probs_and_gradients(model64: torch.nn.Module,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Suffixes split into forwards of similar lengths (each with its own selection of the prompts' cache):
+    the same log-probs and gradients as one forward, to float64 rounding."""
+    monkeypatch.setattr(logprobs_mod, "BUCKET_OVERHEAD_TOKENS", 0)  # split wherever it saves a padded token
+    batch = grouped_batch(model64.config.vocab_size, prompt_lens=[7, 5, 7], group=4, max_resp=9, seed=3)
+    out = forwards(model64, batch)
+    assert out["shared_buckets"]["head_calls"] == 1 + 3  # the prompts, then three buckets of suffixes
+    assert out["shared_masked"]["head_calls"] == 1 + 1
+    assert out["shared_buckets"]["head_rows"] == out["shared_masked"]["head_rows"]
+    torch.testing.assert_close(out["shared_buckets"]["raw"], out["shared_masked"]["raw"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out["shared_buckets"]["lp"], out["plain"]["lp"], rtol=0, atol=1e-10)
+    for p, grad in out["plain"]["grads"].items():
+        torch.testing.assert_close(out["shared_buckets"]["grads"][p], grad, rtol=1e-9, atol=1e-10, msg=p)
+
+
+def test_length_buckets_are_the_cheapest_split() -> None:
+    """Against every split of the sorted rows into at most k contiguous groups (brute force)."""
+    import itertools
+    import random
+
+    def cost(groups: list[list[int]], lengths: list[int], overhead: int) -> int:
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups) + overhead * (len(groups) - 1)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 9))]
+        k, overhead = rng.randint(1, 4), rng.choice([0, 3, 10])
+        groups = length_buckets(lengths, k, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row once
+        assert 1 <= len(groups) <= k and all(groups)
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        best = min(cost([order[a:b] for a, b in zip((0, *cut), (*cut, len(order)))], lengths, overhead)
+                   for m in range(min(k, len(order)))
+                   for cut in itertools.combinations(range(1, len(order)), m))
+        assert cost(groups, lengths, overhead) == best, (lengths, k, overhead, groups)
 
 
 def test_plan_finds_each_distinct_prompt_once() -> None:
