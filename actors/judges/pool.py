@@ -1,12 +1,14 @@
 """The judge pool: every sample scored by K judges on Ray workers that scale apart from rollout.
 
-A `JudgeWorker` (actors/judges/worker.py) scores one sample per call, its K judges concurrently, each
-with its own deadline. The driver-side `JudgePool` queues one item per sample for the least-loaded live
-worker (at most `judges.concurrency` in flight each) and promises exactly K entries per submitted sample:
-a failed call (dead actor or anything else) or one past the pool deadline (slowest judge timeout +
-margin) is retried on another worker up to `judges.max_retries` times, then masked 'error' / 'timeout'
-with the reason. A worker that dies after starting is replaced; one that never starts is not (that would
-hide the fault), and with no worker left queued samples are masked. `resize` drains what it removes.
+A `JudgeWorker` (actors/judges/worker.py) scores the samples of a call concurrently, each sample's K judges
+concurrently, each with its own deadline. The driver-side `JudgePool` queues one item per sample and hands the
+least-loaded live worker as many queued items in one call as it has free slots (at most `judges.concurrency`
+samples in flight each, so a call never waits for a thread: a group of G <= concurrency samples is one call,
+not G). It promises exactly K entries per submitted sample: a failed call (dead actor or anything else) or one
+past the pool deadline (slowest judge timeout + margin) has each of its samples retried on another worker up to
+`judges.max_retries` times, then masked 'error' / 'timeout' with the reason. A worker that dies after starting
+is replaced; one that never starts is not (that would hide the fault), and with no worker left queued samples
+are masked. `resize` drains what it removes.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class _Worker:
 
 @dataclass
 class _Call:
-    item: _Item
+    items: list[_Item]
     wid: int
     deadline: float
 
@@ -146,8 +148,8 @@ class JudgePool:
         j = self._cfg.judges
         self._next_autoscale = time.monotonic() + self._autoscale_interval_s
         active = len(self._active())
-        target = autoscale_target(len(self._queue), len(self._calls), active, j.min_workers, j.max_workers,
-                                  j.concurrency)
+        target = autoscale_target(len(self._queue), self._items_in_flight(), active, j.min_workers,
+                                  j.max_workers, j.concurrency)
         if j.autoscale and target != active:
             self.resize(target)
         return target
@@ -163,7 +165,8 @@ class JudgePool:
             "judges": judges,
             "failures": {status: dict(c) for status, c in self._failures.items()},
             "queue_depth": len(self._queue),
-            "in_flight": len(self._calls),
+            "in_flight": self._items_in_flight(),  # samples
+            "calls": self._events["calls"],
             "num_workers": len(self._active()),
             "workers": {wid: {"state": w.state, "in_flight": w.in_flight, "dispatched": w.dispatched,
                               "completed": w.completed} for wid, w in self._workers.items()},
@@ -180,6 +183,9 @@ class JudgePool:
         self._workers, self._calls, self._starting, self._queue = {}, {}, {}, deque()
 
     # ------------------------------------------------------------------ internals
+    def _items_in_flight(self) -> int:
+        return sum(len(c.items) for c in self._calls.values())
+
     def _active(self) -> list[_Worker]:
         return [w for w in self._workers.values() if w.state in ("starting", "live")]
 
@@ -203,13 +209,16 @@ class JudgePool:
             free = [w for w in self._workers.values() if w.state == "live" and w.in_flight < cap]
             if not free:
                 return
-            item = self._queue.popleft()
-            w = min(free, key=lambda w: (w.wid in item.tried, w.in_flight, w.dispatched))
-            ref = w.handle.score_sample.remote(item.prompt, item.text)
-            item.tried.add(w.wid)
-            w.in_flight += 1
-            w.dispatched += 1
-            self._calls[ref] = _Call(item, w.wid, time.monotonic() + self._call_deadline_s)
+            # a retried item (back at the head) prefers a worker it has not tried
+            w = min(free, key=lambda w: (w.wid in self._queue[0].tried, w.in_flight, w.dispatched))
+            items = [self._queue.popleft() for _ in range(min(cap - w.in_flight, len(self._queue)))]
+            ref = w.handle.score_samples.remote([(item.prompt, item.text) for item in items])
+            for item in items:
+                item.tried.add(w.wid)
+            w.in_flight += len(items)
+            w.dispatched += len(items)
+            self._events["calls"] += 1
+            self._calls[ref] = _Call(items, w.wid, time.monotonic() + self._call_deadline_s)
 
     def _settle(self, ref: Any, out: list[Entry]) -> None:
         if ref in self._starting:
@@ -228,20 +237,25 @@ class JudgePool:
             return
         w = self._workers.get(call.wid)
         if w is not None:
-            w.in_flight -= 1
+            w.in_flight -= len(call.items)
         try:
-            results = ray.get(ref)
+            per_sample = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             self._lose_worker(call.wid, f"judge worker {call.wid} died: {brief_error(e)}")
-            return self._retry(call.item, f"judge worker died: {brief_error(e)}", "error", out)
+            return self._retry_all(call.items, f"judge worker died: {brief_error(e)}", "error", out)
         except Exception as e:
-            return self._retry(call.item, f"judge worker call failed: {brief_error(e)}", "error", out)
-        if len(results) != len(self._names):
-            return self._retry(call.item, f"judge worker returned {len(results)} entries, "
-                                          f"expected {len(self._names)}", "error", out)
-        if w is not None:
-            w.completed += 1
-        self._emit(call.item, results, out)
+            return self._retry_all(call.items, f"judge worker call failed: {brief_error(e)}", "error", out)
+        if len(per_sample) != len(call.items):
+            return self._retry_all(call.items, f"judge worker returned {len(per_sample)} samples, "
+                                               f"expected {len(call.items)}", "error", out)
+        for item, results in zip(call.items, per_sample):
+            if len(results) != len(self._names):
+                self._retry(item, f"judge worker returned {len(results)} entries, expected {len(self._names)}",
+                            "error", out)
+                continue
+            if w is not None:
+                w.completed += 1
+            self._emit(item, results, out)
 
     def _expire(self, out: list[Entry]) -> None:
         now = time.monotonic()
@@ -249,11 +263,11 @@ class JudgePool:
             if now >= call.deadline:
                 del self._calls[ref]
                 if (w := self._workers.get(call.wid)) is not None:
-                    w.in_flight -= 1
+                    w.in_flight -= len(call.items)
                 _cancel(ref)
                 self._events["calls_timed_out"] += 1
-                self._retry(call.item, f"judge worker call passed the pool deadline {self._call_deadline_s:g}s",
-                            "timeout", out)
+                self._retry_all(call.items, f"judge worker call passed the pool deadline {self._call_deadline_s:g}s",
+                                "timeout", out)
         for ref, wid in list(self._starting.items()):
             if now - self._workers[wid].started > self._start_timeout_s:
                 del self._starting[ref]
@@ -281,6 +295,10 @@ class JudgePool:
         self._events["worker_deaths"] += 1
         if w.state != "draining":
             self._spawn()
+
+    def _retry_all(self, items: list[_Item], reason: str, status: str, out: list[Entry]) -> None:
+        for item in reversed(items):  # back at the head of the queue in their order
+            self._retry(item, reason, status, out)
 
     def _retry(self, item: _Item, reason: str, status: str, out: list[Entry]) -> None:
         item.failures.append(reason)

@@ -1,7 +1,9 @@
 """The judge worker: the Ray actor that scores one sample with all K judges, and the engines its LLM judges call.
 
-A `JudgeWorker` scores one sample per call, its K judges concurrently, each with its own deadline: a judge
-still running at its deadline gives a 'timeout' entry and the call returns without it. `JudgePool`
+A `JudgeWorker` scores the samples of a call (`score_samples`; `score_sample` for one) concurrently, each sample's
+K judges concurrently, each with its own deadline: a judge still running at its deadline gives a 'timeout' entry
+and the call returns without it. Each judge has `concurrency` threads and the pool never has more samples in
+flight on a worker, so every sample of a call starts at once and its deadlines count from the call's start. `JudgePool`
 (actors/judges/pool.py) queues samples onto these workers; `create_judge_engines` starts the `JudgeEngine`
 actors that the 'llm' judges of every worker share.
 """
@@ -45,9 +47,16 @@ class SampleScorer:
 
     def score_sample(self, prompt: Prompt, text: str) -> list[JudgeResult]:
         """K entries: one per judge, or `slots` for a slot judge (the rubric judge), in spec order."""
+        return self.score_samples([(prompt, text)])[0]
+
+    def score_samples(self, batch: list[tuple[Prompt, str]]) -> list[list[JudgeResult]]:
+        """`score_sample` of each (prompt, text), all started together."""
         t0 = time.perf_counter()
-        futures = [pool.submit(evaluate_slots if isinstance(j, SlotJudge) else evaluate, j, prompt, text)
-                   for j, pool in zip(self.judges, self._pools)]
+        started = [[pool.submit(evaluate_slots if isinstance(j, SlotJudge) else evaluate, j, prompt, text)
+                    for j, pool in zip(self.judges, self._pools)] for prompt, text in batch]
+        return [self._collect(futures, t0) for futures in started]
+
+    def _collect(self, futures: list[Any], t0: float) -> list[JudgeResult]:
         results: list[JudgeResult] = []
         for judge, fut, limit in zip(self.judges, futures, self.timeouts):
             slots = judge.slots if isinstance(judge, SlotJudge) else 0

@@ -77,6 +77,7 @@ def test_every_sample_yields_k_entries_with_timeouts_and_errors_masked_and_count
     assert stats["judges"]["slow"]["counts"] == {"timeout": 12}
     assert stats["judges"]["fmt"]["counts"] == {"ok": 12} and stats["judges"]["fmt"]["latency"]["count"] == 12
     assert stats["samples_done"] == 12 and stats["queue_depth"] == 0 and stats["in_flight"] == 0
+    assert stats["calls"] == 3  # each worker call carried 4 samples (its judges.concurrency), not one
 
 
 def test_killing_a_worker_mid_run_loses_no_entry(ray_local) -> None:

@@ -382,3 +382,27 @@ def test_a_hung_judge_times_out_alone_and_never_starves_the_other_judges() -> No
             assert fmt.status == "ok" and fmt.value == 1.0, fmt
     finally:
         release.set()
+
+
+class _SleepJudge:
+    name, low, high = "sleep", 0.0, 1.0
+
+    def score(self, prompt: Prompt, sample_text: str) -> float:
+        time.sleep(0.3)
+        return float(len(sample_text) % 2)
+
+
+def test_a_batch_of_samples_is_scored_together_each_within_its_deadline() -> None:
+    """score_samples starts every sample at once: four samples whose judge takes 0.3 s all meet a 0.5 s deadline
+    (one after the other, the second would not), and each gets what score_sample gives it alone."""
+    from actors.judges.worker import SampleScorer
+
+    specs = [JudgeSpec(name="sleep", kind="sleep", timeout_s=0.5),
+             JudgeSpec(name="fmt", kind="regex", params={"pattern": r"\w+", "mode": "fullmatch"}, timeout_s=5.0)]
+    scorer = SampleScorer(specs, concurrency=4, extra_builders={"sleep": lambda spec, deps: _SleepJudge()})
+    texts = ["ab", "abc", "a b", "abcd"]
+    got = scorer.score_samples([(PROMPT, t) for t in texts])
+    assert [[r.status for r in res] for res in got] == [["ok", "ok"]] * 4
+    assert [[r.value for r in res] for res in got] == [[r.value for r in scorer.score_sample(PROMPT, t)]
+                                                       for t in texts]
+    assert [res[1].value for res in got] == [1.0, 1.0, 0.0, 1.0]  # fullmatch of \w+: "a b" fails
