@@ -37,8 +37,7 @@ import torch
 import torch.distributed as dist
 
 from learner.checkpoint import load_rank, save_rank
-from learner.logprobs import (PrefixPlan, masked_token_logprobs, plan_prefix, shared_prefix_logprobs,
-                              token_logprobs)
+from learner.logprobs import PrefixPlan, masked_token_logprobs, plan_prefix, shared_prefix_logprobs
 from rvpo_async.config import LearnerConfig
 
 REQUIRED_KEYS = ("input_ids", "response_mask", "behaviour_logprobs", "advantages", "policy_version")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from learner.actor import merge_rank_stats, split_by_groups
-from learner.engine import combine_stats, derive_attention_mask, lr_factor, make_scheduler, token_logprobs
+from learner.engine import combine_stats, derive_attention_mask, lr_factor, make_scheduler
+from learner.logprobs import token_logprobs
 from rvpo_async.config import LearnerConfig
 
 # ---------------------------------------------------------------- learning-rate schedule
