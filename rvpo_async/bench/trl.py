@@ -189,9 +189,11 @@ how the setups differ (where they cannot be identical):
     weight decay, grad clip, constant schedule
   - threads: TRL one process with torch's threads ({trl_threads}); rvpo-async one thread per actor (engine,
     judge workers, buffer, driver) and {learner_threads} torch thread(s) per learner rank, under Ray
-  - learner forward: TRL runs every row (prompt + completion) whole; rvpo-async with learner.shared_prefix
-    ({shared_prefix}) runs each distinct prompt once and its G responses after its KV cache (the same
-    log-probs and gradients: tests/unit/test_learner_logprobs.py)
+  - learner forward: TRL runs every row (prompt + completion) whole and its output layer at every completion
+    position (padding included); rvpo-async with learner.shared_prefix ({shared_prefix}) runs each distinct
+    prompt once and its G responses after its KV cache, in up to learner.length_buckets ({length_buckets})
+    forwards by length, with the output layer at trained tokens only (the same log-probs and gradients:
+    tests/unit/test_learner_logprobs.py)
   - data: async mode trains on samples up to staleness.max_staleness policy versions old; TRL and sync on-policy
   - prompt order: each system shuffles the same prompt set with its own sampler"""
 
@@ -264,7 +266,7 @@ def bench_trl(argv: Sequence[str]) -> int:
 
         lcfg = load_config(a.config, overrides).learner
         print(DIFFERENCES.format(trl_threads=a.trl_threads or torch.get_num_threads(), learner_threads=lcfg.num_threads,
-                                 shared_prefix=str(lcfg.shared_prefix).lower()))
+                                 shared_prefix=str(lcfg.shared_prefix).lower(), length_buckets=lcfg.length_buckets))
     return 0
 
 

@@ -54,10 +54,10 @@ def test_the_differences_name_the_learner_threads_and_forward_of_the_config(monk
     monkeypatch.setattr(trl_bench, "ensure_rung_model", lambda name, rung: str(tmp_path))
     monkeypatch.setattr(trl_bench, "run_system", lambda s, a, o, w, r: ([float(i) for i in range(4)], [0] + [64] * 3))
     assert trl_bench.bench_trl(["--repeats", "1", "--steps", "3", "--window", "1:3", "--out", str(tmp_path),
-                                "learner.num_threads=2", "learner.shared_prefix=false"]) == 0
+                                "learner.num_threads=2", "learner.shared_prefix=false", "learner.length_buckets=2"]) == 0
     out = capsys.readouterr().out
     assert "2 torch thread(s) per learner rank" in out
-    assert "learner.shared_prefix\n    (false)" in out
+    assert "learner.shared_prefix (false)" in out and "learner.length_buckets (2)" in out
 
 
 def test_an_engine_core_system_runs_its_mode_with_that_core_and_prints_its_ratio(monkeypatch, tmp_path, capsys) -> None:
