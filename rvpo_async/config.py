@@ -99,6 +99,9 @@ class RolloutConfig:
     group_size: int = 8
     groups_per_step: int = 8
     max_new_tokens: int = 32
+    # no end of sequence before this many tokens (vLLM's min_tokens, transformers' min_new_tokens): benchmarks
+    # at equal response lengths; the engine's behaviour log-probs then include its mask on the end token
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     kv_cache_memory_bytes: int = 64 * 1024 * 1024
@@ -123,14 +126,13 @@ class RolloutConfig:
     def check(self) -> Iterator[tuple[str, str]]:
         if not 0 < self.gpu_memory_utilization <= 1:
             yield "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"
-        if self.num_engines < 1:
-            yield "num_engines", f"must be >= 1, got {self.num_engines}"
+        for key in ("num_engines", "groups_per_step", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                yield key, f"must be >= 1, got {getattr(self, key)}"
         if self.group_size < 2:
             yield "group_size", f"must be >= 2 (group normalisation needs two samples), got {self.group_size}"
-        if self.groups_per_step < 1:
-            yield "groups_per_step", f"must be >= 1, got {self.groups_per_step}"
-        if self.max_new_tokens < 1:
-            yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            yield "min_new_tokens", f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
         if not self.temperature > 0:
             yield "temperature", f"must be > 0, got {self.temperature}"
         if not 0 < self.top_p <= 1:

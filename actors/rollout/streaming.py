@@ -72,7 +72,7 @@ class StreamingRollout:
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
                  weight_load: str = "repack", weight_update: str = "drain", ignore_eos: bool = False,
-                 engine_core: str = "inproc") -> None:
+                 engine_core: str = "inproc", min_new_tokens: int = 0) -> None:
         apply_vllm_env()
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"rollout.weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
@@ -80,6 +80,7 @@ class StreamingRollout:
         self.temperature, self.top_p, self.seed, self.version = temperature, top_p, seed, version
         self.weight_update = weight_update
         self.ignore_eos = ignore_eos  # benchmarks: responses run to their budget
+        self.min_new_tokens = min_new_tokens  # no end of sequence before it (rollout.min_new_tokens)
         self.engine = make_async_llm(model_path, seed=seed, max_model_len=max_model_len,
                                      kv_cache_memory_bytes=kv_cache_memory_bytes,
                                      worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
@@ -112,13 +113,13 @@ class StreamingRollout:
         return self.name
 
     # ------------------------------------------------------------------ sampling
-    def _params(self, seed: int | None, max_tokens: int):
+    def _params(self, seed: int | None, max_tokens: int, min_tokens: int = 0):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(n=1, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              logprobs=0, seed=seed, detokenize=False, ignore_eos=self.ignore_eos,
-                              output_kind=RequestOutputKind.DELTA)
+        return SamplingParams(n=1, max_tokens=max_tokens, min_tokens=max(0, min(min_tokens, max_tokens)),
+                              temperature=self.temperature, top_p=self.top_p, logprobs=0, seed=seed,
+                              detokenize=False, ignore_eos=self.ignore_eos, output_kind=RequestOutputKind.DELTA)
 
     async def _add(self, part: _Partial) -> tuple[Any, int]:
         """Submit what `part` still needs as one engine request; returns its output queue and version."""
@@ -127,7 +128,7 @@ class StreamingRollout:
         prompt = part.prompt_ids + part.token_ids
         # a resubmitted sample draws from a fresh stream: the seed moves on with each interruption
         seed = None if part.seed is None else part.seed + 1_000_003 * part.interruptions
-        params = self._params(seed, part.max_tokens - len(part.token_ids))
+        params = self._params(seed, part.max_tokens - len(part.token_ids), self.min_new_tokens - len(part.token_ids))
         self._inflight += 1
         q = await self.engine.add_request(f"{self.name}-{next(self._ids)}", {"prompt_token_ids": prompt}, params)
         return q, self.version

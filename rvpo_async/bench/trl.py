@@ -124,7 +124,8 @@ def trl_worker(spec: dict[str, Any]) -> None:
         weight_decay=cfg.learner.weight_decay, max_grad_norm=cfg.learner.grad_clip, beta=0.0,
         reward_weights=list(cfg.reward_weights), multi_objective_aggregation="normalize_then_sum",
         save_strategy="no", report_to=[], logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0,
-        bf16=False, fp16=False)
+        bf16=False, fp16=False,
+        generation_kwargs={"min_new_tokens": cfg.rollout.min_new_tokens} if cfg.rollout.min_new_tokens else None)
     times: list[float] = []
 
     class StepTimes(TrainerCallback):

@@ -185,3 +185,21 @@ def test_submitted_groups_go_to_the_buffer_and_the_judges_not_back_to_the_caller
     assert all(set(d) == {"group_id", "tokens", "samples", "policy_version"} for d in delivered)
     assert sorted(ray.get(sink.ids.remote())) == [5, 6, 7]
     assert ray.get(buffer.stats.remote())["groups"]["pending"] == 3
+
+
+def test_min_new_tokens_keeps_every_response_going_to_its_budget(engine_factory, tiny_model_dir):
+    """`rollout.min_new_tokens`: with the same seeds, responses that end early without it run to the budget
+    with it (vLLM's min_tokens masks the end token until then)."""
+    from actors.rollout.streaming import StreamingRolloutActor
+
+    prompts, ids, seeds = _prompts(4, cap=160), [0, 1, 2, 3], [40, 41, 42, 43]
+    free = ray.get(engine_factory("drain", "inproc").generate.remote(prompts, ids, seeds))
+    short = [len(s.token_ids) for g in free for s in g.samples if len(s.token_ids) < 160]
+    assert short, "no response ended early without min_new_tokens: the test would show nothing"
+    eng = StreamingRolloutActor.options(num_cpus=0.5).remote("min-tokens", tiny_model_dir, group_size=G,
+                                                             max_new_tokens=160, seed=0, min_new_tokens=160)
+    try:
+        held = ray.get(eng.generate.remote(prompts, ids, seeds), timeout=180)
+    finally:
+        ray.kill(eng)
+    assert all(len(s.token_ids) == 160 and s.finish_reason == "length" for g in held for s in g.samples)

@@ -310,3 +310,12 @@ def test_judge_engine_placement_falls_back_to_the_judge_workers_and_follows_judg
                                                   "resources": {"rvpo_judge_gpu": 1.0}, "max_restarts": 1,
                                                   "max_task_retries": 1}
     assert actor_options("judge", own) == worker  # the judge workers keep their own options
+
+
+def test_min_new_tokens_must_fit_the_response_budget():
+    from rvpo_async.config import Config, ConfigError
+
+    assert Config().override("rollout.min_new_tokens=32").rollout.min_new_tokens == 32
+    for bad in ("rollout.min_new_tokens=33", "rollout.min_new_tokens=-1"):
+        with pytest.raises(ConfigError, match=r"'rollout.min_new_tokens': must be in \[0, max_new_tokens=32\]"):
+            Config().override(bad)
