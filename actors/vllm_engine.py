@@ -68,8 +68,11 @@ def engine_kwargs(model_path: str, *, seed: int, max_model_len: int, kv_cache_me
                   worker_extension_cls: str | None, gpu_memory_utilization: float,
                   gpu_kv_cache_memory_bytes: int | None, **extra: Any) -> dict[str, Any]:
     """The engine arguments `make_llm` and `make_async_llm` share (platform defaults, see make_llm)."""
+    # disable_log_stats: vLLM's own per-request statistics (Prometheus histograms updated for every token)
+    # cost a sixth of an engine step on the tiny model (BENCHMARKS.md); the run's metrics come from the actors.
+    # vllm.LLM sets it already; AsyncLLM and the in-process engine take EngineArgs' default (on)
     kwargs: dict[str, Any] = dict(model=model_path, seed=seed, max_model_len=max_model_len, dtype=dtype,
-                                  enforce_eager=True, trust_remote_code=False)
+                                  enforce_eager=True, trust_remote_code=False, disable_log_stats=True)
     if on_cpu():
         kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=kv_cache_memory_bytes)
         # The CPU sampler cannot rewind a seeded torch.Generator (set_offset) when a chunked prefill
