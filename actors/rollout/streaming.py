@@ -117,9 +117,13 @@ class StreamingRollout:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        # drain: a sample is read once, at its end (its stream wakes this actor's event loop once, not once per
+        # token, and the engine builds no output for it before); interrupt needs each token as it comes, so an
+        # aborted sample keeps what it has
+        kind = RequestOutputKind.DELTA if self.weight_update == "interrupt" else RequestOutputKind.FINAL_ONLY
         return SamplingParams(n=1, max_tokens=max_tokens, min_tokens=max(0, min(min_tokens, max_tokens)),
                               temperature=self.temperature, top_p=self.top_p, logprobs=0, seed=seed,
-                              detokenize=False, ignore_eos=self.ignore_eos, output_kind=RequestOutputKind.DELTA)
+                              detokenize=False, ignore_eos=self.ignore_eos, output_kind=kind)
 
     async def _add(self, part: _Partial) -> tuple[Any, int]:
         """Submit what `part` still needs as one engine request; returns its output queue and version."""
