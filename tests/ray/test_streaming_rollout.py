@@ -69,11 +69,18 @@ def engine_factory(tiny_model_dir, ray_module):
         ray.kill(h)
 
 
-def _update_mid_generation(engine, prompts, blob, version: int):
+def _update_mid_generation(engine, prompts, blob, version: int, drain: bool = False):
+    """Update the weights while `prompts` are being generated. An interrupting engine streams each token, so
+    the update comes after 40 tokens a prompt; a draining one takes each sample whole at its end, so it comes
+    once a sample has ended while others are still generating."""
     before = ray.get(engine.stats.remote())["tokens_streamed"]  # the engine may have served other tests
     ref = engine.generate.remote(prompts, list(range(len(prompts))), [100 + i for i in range(len(prompts))])
     deadline = time.monotonic() + 60
-    while ray.get(engine.stats.remote())["tokens_streamed"] - before < 40 * len(prompts):
+    while True:
+        s = ray.get(engine.stats.remote())
+        done = s["tokens_streamed"] - before
+        if (done > 0 and s["in_flight_requests"] > 0) if drain else done >= 40 * len(prompts):
+            break
         assert time.monotonic() < deadline, "the engine generated nothing"
         time.sleep(0.02)
     assert ray.get(engine.update_weights.remote(version, blob)) == version
@@ -137,7 +144,8 @@ def test_drain_never_mixes_two_versions_in_one_response(engine_factory, tiny_mod
     from rvpo_async.weight_format import safetensors_array
 
     eng = engine_factory("drain", core)
-    groups = _update_mid_generation(eng, _prompts(2, cap=96), safetensors_array(_perturbed(_state(tiny_model_dir), 2)), 1)
+    groups = _update_mid_generation(eng, _prompts(2, cap=96), safetensors_array(_perturbed(_state(tiny_model_dir), 2)), 1,
+                                    drain=True)
     assert all(s.first_version == s.last_version == 0 for g in groups for s in g.samples)
     stats = ray.get(eng.stats.remote())
     assert stats["interrupted_samples"] == 0 and stats["version"] == 1
