@@ -115,9 +115,9 @@ class RolloutConfig:
     # how an engine loads new weights: `repack` (vLLM's reload_weights; CPU kernels repacked each time) or
     # `in_place` (plain weights copied in place: a sync costs about one memory copy, matmuls are slower)
     weight_load: Literal["repack", "in_place"] = "repack"
-    # what a weight update does to responses being generated: `drain` (they finish under the old weights; no
-    # response mixes versions) or `interrupt` (they stop, the weights load, they go on under the new ones)
-    weight_update: Literal["drain", "interrupt"] = "drain"
+    # what a weight update does to responses being generated: `drain` (they finish under the old weights),
+    # `interrupt` (stopped, prefilled again under the new ones) or `in_flight` (go on with their KV cache)
+    weight_update: Literal["drain", "interrupt", "in_flight"] = "drain"
     # where an engine's vLLM engine core runs: `inproc` (a thread of the rollout actor's process steps it: no
     # second process, no serialisation; starts faster) or `process` (vLLM's AsyncLLM: a process of its own, fed
     # over ZeroMQ). Same tokens, same throughput here (BENCHMARKS.md)

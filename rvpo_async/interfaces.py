@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class RolloutEngine(Protocol):
     """One generation engine. Streaming: `submit` returns at once; each group goes to the buffer and the
     judges the moment its G samples are done, and `poll` reports which did (ids and counts only).
-    Weight updates pause it (drain or interrupt, rollout.weight_update) and it serves `version` after."""
+    Weight updates pause it (drain, interrupt or in_flight: rollout.weight_update) and it serves `version` after."""
 
     async def ready(self) -> str: ...
 

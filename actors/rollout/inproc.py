@@ -62,7 +62,8 @@ def _aborted(request_id: str) -> Any:
 
 class InprocEngine:
     """AsyncLLM's add_request / generate / pause_generation / resume_generation / is_paused /
-    reset_prefix_cache / collective_rpc / tokenizer / shutdown, over an LLMEngine stepped by one thread.
+    update_weight_version / reset_prefix_cache / collective_rpc / tokenizer / shutdown, over an LLMEngine
+    stepped by one thread.
     The event loop that awaits its streams is the one of the first `add_request`."""
 
     def __init__(self, engine: Any) -> None:
@@ -216,6 +217,9 @@ class InprocEngine:
     async def is_paused(self) -> bool:
         return self._paused
 
+    async def update_weight_version(self, version: str) -> None:
+        """Label the outputs of later steps `version` (vLLM's per-token version spans), between two steps."""
+        await self._call(self.engine.set_weight_version, str(version))
 
     async def reset_prefix_cache(self) -> bool:
         return bool(await self._call(self.engine.reset_prefix_cache))

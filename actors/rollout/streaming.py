@@ -20,9 +20,15 @@ Weight updates (`rollout.weight_update`):
   versions of its first and last token, and its group's policy_version is its oldest token's version, from
   which staleness is counted. Importance weights stay per token (the learner's decoupled-PPO ratio).
 
-A version tag is exact by construction: a request is only submitted while no update is in progress, every
-token it returns comes from the weights of its submission, and an aborted request's stream ends before the
-new weights load.
+- `in_flight` (PipelineRL's): the engine stops between two steps keeping every request, the weights load, and
+  the requests go on with their KV cache (nothing aborted, recomputed or waited for). vLLM labels each step's
+  tokens with the engine's weight version (changed in the same pause), a finished output carries its tokens'
+  version spans, and prompts share cached prefixes only within one version (a per-version `cache_salt`).
+
+A version tag is exact by construction: in `drain` and `interrupt` a request is only submitted while no update
+is in progress, every token it returns comes from the weights of its submission, and an aborted request's
+stream ends before the new weights load; in `in_flight` the engine's own label changes in the same pause as
+the weights.
 
 When a submit finds the engine idle, its requests are added while the scheduler is paused and released
 together, so the engine batches them as `vllm.LLM.generate` would: with max_staleness = 0 a run samples
@@ -49,7 +55,7 @@ from rvpo_async.types import Prompt, RolloutGroup, Sample
 log = logging.getLogger("rvpo_async")
 
 WORKER_EXTENSION = "actors.rollout.weight_receiver.WeightReceiverExtension"
-WEIGHT_UPDATES = ("drain", "interrupt")
+WEIGHT_UPDATES = ("drain", "interrupt", "in_flight")
 
 
 @dataclass
@@ -64,6 +70,15 @@ class _Partial:
     versions: list[int] = field(default_factory=list)  # one per token: the weights that sampled it
     finish_reason: str = ""
     interruptions: int = 0
+
+
+def _token_versions(c: Any, n: int, submitted: int) -> list[int]:
+    """Each of the `n` tokens' version in a whole output `c`: vLLM's spans, else the submission's version."""
+    spans = getattr(c, "weight_versions", None) or []
+    out = [int(sp.version) for sp in spans for _ in range(int(sp.end) - int(sp.start))] if spans else [submitted] * n
+    if len(out) != n:
+        raise RuntimeError(f"the engine's version spans cover {len(out)} tokens of an output of {n}")
+    return out
 
 
 class StreamingRollout:
@@ -104,8 +119,12 @@ class StreamingRollout:
 
     async def _setup(self) -> None:
         """Once, before the first request or update (a restarted actor too, whichever call comes first)."""
-        if self._weight_load != "repack" and not self._set_up:
-            self._set_up = True
+        if self._set_up:
+            return
+        self._set_up = True
+        # the engine labels each step's tokens with its weight version (the version spans of an output)
+        await self.engine.update_weight_version(str(self.version))
+        if self._weight_load != "repack":
             await self.engine.collective_rpc("rvpo_set_weight_load", args=(str(self._weight_load),))
 
     async def ready(self) -> str:
@@ -117,9 +136,8 @@ class StreamingRollout:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        # drain: a sample is read once, at its end (its stream wakes this actor's event loop once, not once per
-        # token, and the engine builds no output for it before); interrupt needs each token as it comes, so an
-        # aborted sample keeps what it has
+        # drain, in_flight: a sample is read once, at its end (its stream wakes this actor's event loop once);
+        # interrupt needs each token as it comes, so an aborted sample keeps what it has
         kind = RequestOutputKind.DELTA if self.weight_update == "interrupt" else RequestOutputKind.FINAL_ONLY
         return SamplingParams(n=1, max_tokens=max_tokens, min_tokens=max(0, min(min_tokens, max_tokens)),
                               temperature=self.temperature, top_p=self.top_p, logprobs=0, seed=seed,
@@ -134,8 +152,13 @@ class StreamingRollout:
         seed = None if part.seed is None else part.seed + 1_000_003 * part.interruptions
         params = self._params(seed, part.max_tokens - len(part.token_ids), self.min_new_tokens - len(part.token_ids))
         self._inflight += 1
-        q = await self.engine.add_request(f"{self.name}-{next(self._ids)}", {"prompt_token_ids": prompt}, params)
+        q = await self.engine.add_request(f"{self.name}-{next(self._ids)}", self._inputs(prompt), params)
         return q, self.version
+
+    def _inputs(self, prompt_ids: Sequence[int]) -> dict[str, Any]:
+        """in_flight never empties the prefix cache (requests hold it): each version caches under its own salt."""
+        salt = {"cache_salt": f"v{self.version}"} if self.weight_update == "in_flight" else {}
+        return {"prompt_token_ids": list(prompt_ids), **salt}
 
     async def _run(self, part: _Partial, q: Any, version: int) -> None:
         """Read one sample's stream to its end, resubmitting it after each interruption."""
@@ -149,7 +172,8 @@ class StreamingRollout:
                     ids = [int(t) for t in c.token_ids]
                     part.token_ids += ids
                     part.logprobs += [float(next(iter(d.values())).logprob) if d else 0.0 for d in (c.logprobs or [])]
-                    part.versions += [version] * len(ids)
+                    part.versions += ([version] * len(ids) if self.weight_update == "interrupt"  # deltas
+                                      else _token_versions(c, len(ids), version))
                     self.counts["tokens_streamed"] += len(ids)
                     reason = str(c.finish_reason)
             finally:
@@ -260,13 +284,32 @@ class StreamingRollout:
         await self.engine.reset_prefix_cache()
         self.version = int(version)
         self.counts["weight_updates"] += 1
+        await self.engine.update_weight_version(str(self.version))
         if await self.engine.is_paused():
             await self.engine.resume_generation()
         self._open.set()
         return self.version
 
+    async def _load_in_flight(self, version: int, method: str, arg: Any) -> int:
+        """Stop between two steps keeping every request, load, relabel, go on (never inside a submit)."""
+        await self._setup()
+        async with self._admission:
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+            t1 = time.perf_counter()
+            try:
+                await self.engine.collective_rpc(method, args=(arg,))
+                await self.engine.update_weight_version(str(int(version)))
+                self.version = int(version)
+                self.counts["weight_updates"] += 1
+            finally:
+                await self.engine.resume_generation()
+        self.counts["load_seconds"] += time.perf_counter() - t1
+        return self.version
+
     async def _load(self, version: int, method: str, arg: Any) -> int:
         """Pause (drain or interrupt), run the weight receiver's `method`, resume serving `version`."""
+        if self.weight_update == "in_flight":
+            return await self._load_in_flight(version, method, arg)
         t0 = time.perf_counter()
         await self._pause()
         t1 = time.perf_counter()
@@ -317,16 +360,20 @@ class StreamingRollout:
         async def one(p: Prompt) -> list[list[int]]:
             while True:  # an interrupting weight update aborts it: ask again
                 final = None
-                async for out in self.engine.generate({"prompt_token_ids": list(p.token_ids)}, params,
+                async for out in self.engine.generate(self._inputs(p.token_ids), params,
                                                       request_id=f"{self.name}-eval-{next(self._ids)}"):
                     final = out
                 if all(str(c.finish_reason) != "abort" for c in final.outputs):
-                    return [list(c.token_ids) for c in sorted(final.outputs, key=lambda c: c.index)]
+                    outs = sorted(final.outputs, key=lambda c: c.index)
+                    seen.update(int(s.version) for c in outs for s in (getattr(c, "weight_versions", None) or []))
+                    return [list(c.token_ids) for c in outs]
                 await self._open.wait()
 
+        seen: set[int] = set()
         outs = await asyncio.gather(*(one(p) for p in prompts))
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in o] for o in outs]
-        return texts, version, sum(len(ids) for o in outs for ids in o)
+        # in_flight: an update may land while they are written; the oldest weights that wrote a token count
+        return texts, min(seen, default=version), sum(len(ids) for o in outs for ids in o)
 
     async def score_tokens(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
         """Log-prob of each of `response_ids` after `prompt_ids` under the engine's current weights."""
@@ -338,7 +385,7 @@ class StreamingRollout:
                             output_kind=RequestOutputKind.FINAL_ONLY)
         full = list(prompt_ids) + list(response_ids)
         final = None
-        async for out in self.engine.generate({"prompt_token_ids": full}, sp,
+        async for out in self.engine.generate(self._inputs(full), sp,
                                               request_id=f"{self.name}-score-{next(self._ids)}"):
             final = out
         plp = final.prompt_logprobs

@@ -5,6 +5,7 @@ core in a process of its own (AsyncLLM, `rollout.engine_core: process`) and step
 from __future__ import annotations
 
 import glob
+import math
 import time
 
 import pytest
@@ -157,6 +158,75 @@ def test_drain_never_mixes_two_versions_in_one_response(engine_factory, tiny_mod
         groups, got = ray.get([gen, upd], timeout=120)
         assert got == v
         assert all(s.first_version == s.last_version == g.policy_version for g in groups for s in g.samples)
+
+
+@pytest.mark.parametrize("core", ["process", "inproc"])
+def test_in_flight_updates_go_on_with_every_sample_and_tag_each_token_with_the_weights_that_sampled_it(
+        engine_factory, tiny_model_dir, core):
+    """rollout.weight_update=in_flight: the update lands between two engine steps while samples are being
+    generated; none is aborted, re-prefilled or waited for, and each token's version names the weights that
+    sampled it. The new weights zero the final norm, so each token they sample has log-prob -log(vocab)
+    exactly (zero logits); the tokens before the switch are those of an fp32 forward of the old weights (1e-4)."""
+    from transformers import AutoConfig
+
+    from rvpo_async.weight_format import safetensors_array
+
+    eng = engine_factory("in_flight", core)
+    v0 = _state(tiny_model_dir)
+    flat = {**v0, "model.norm.weight": torch.zeros_like(v0["model.norm.weight"])}
+    uniform = -math.log(AutoConfig.from_pretrained(tiny_model_dir).vocab_size)
+    prompts = _prompts(2)
+    before = ray.get(eng.stats.remote())
+    ref = eng.generate.remote(prompts, [0, 1], [200, 201])
+    deadline = time.monotonic() + 60
+    while True:  # samples come whole at their end: update once one has ended and others still generate
+        s = ray.get(eng.stats.remote())
+        if s["tokens_streamed"] > before["tokens_streamed"] and s["in_flight_requests"] > 0:
+            break
+        assert time.monotonic() < deadline, "the engine generated nothing"
+        time.sleep(0.02)
+    assert ray.get(eng.update_weights.remote(1, safetensors_array(flat))) == 1
+    assert ray.get(eng.stats.remote())["in_flight_requests"] > 0  # the update did not wait for them to end
+    groups = ray.get(ref)
+    after = ray.get(eng.stats.remote())
+    for key in ("interrupted_samples", "reprefilled_tokens", "interruptions"):
+        assert after[key] == before[key], key
+    mixed = 0
+    for g in groups:
+        assert g.policy_version == min(s.first_version for s in g.samples)  # staleness from the oldest token
+        for s in g.samples:
+            got = torch.tensor(s.logprobs, dtype=torch.float64)
+            new = (got - uniform).abs() < 1e-5
+            cut = int(new.nonzero()[0]) if bool(new.any()) else len(s.token_ids)
+            assert bool(new[cut:].all()), "a token after the switch was not sampled by the new weights"
+            if cut:
+                under0 = _token_logprobs(tiny_model_dir, v0, list(g.prompt.token_ids), list(s.token_ids[:cut]))
+                assert torch.allclose(got[:cut], under0, atol=1e-4)
+            assert (s.first_version, s.last_version) == (0 if cut > 0 else 1, 1 if cut < len(s.token_ids) else 0)
+            mixed += 0 < cut < len(s.token_ids)
+    assert mixed > 0, "no sample went on across the update"
+
+
+def test_in_flight_requests_never_read_a_prompt_cached_by_older_weights(engine_factory, tiny_model_dir):
+    """in_flight never empties vLLM's prefix cache (requests in flight hold it): a prompt cached under one
+    version must not serve a request of a later one. A 140-token prompt (one full 128-token cache block) is
+    generated under the model's weights, then again after an update to perturbed weights: its log-probs are
+    those of an fp32 forward of the new weights (1e-4), which a reused block of the old keys and values breaks."""
+    from rvpo_async.weight_format import safetensors_array
+
+    eng = engine_factory("in_flight", "inproc")
+    v0 = _state(tiny_model_dir)
+    v = ray.get(eng.get_version.remote())
+    long = [Prompt("long", "long", tuple(20 + i for i in range(140)), {"max_new_tokens": 8})]
+    ray.get(eng.update_weights.remote(v + 1, safetensors_array(v0)))
+    ray.get(eng.generate.remote(long, [0], [1]))  # its first block cached under version v + 1
+    v2 = _perturbed(v0, 3)
+    ray.get(eng.update_weights.remote(v + 2, safetensors_array(v2)))
+    group = ray.get(eng.generate.remote(long, [1], [2]))[0]
+    for s in group.samples:
+        assert s.first_version == s.last_version == v + 2
+        want = _token_logprobs(tiny_model_dir, v2, list(long[0].token_ids), list(s.token_ids))
+        assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), want, atol=1e-4)
 
 
 @ray.remote

@@ -56,6 +56,10 @@ class FakeEngine:
     def reset_prefix_cache(self) -> bool:
         return True
 
+    def set_weight_version(self, version: str) -> None:
+        self._touch()
+        self.log.append(("version", version))
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.active)
 
@@ -145,3 +149,32 @@ def test_calls_return_results_and_errors_and_a_paused_engine_does_not_step() -> 
         eng.shutdown()
     assert [e for e in fake.log if e[0] != "step"][:4] == [("rpc", "load"), ("rpc", "fail"), ("add", "k0"),
                                                            ("add", "k1")]
+
+
+def test_an_in_flight_update_loads_and_relabels_between_two_steps_keeping_every_request() -> None:
+    """rollout.weight_update=in_flight on this engine: pause ("keep"), load, label, resume. The requests in
+    flight are neither aborted nor restarted, no step runs between the load and the new label, and every step
+    after the resume carries the new label (the tokens' version spans come from it)."""
+    fake = FakeEngine(tokens=40)
+    eng = InprocEngine(fake)
+
+    async def main() -> None:
+        streams = [await eng.add_request(f"r{i}", "p", None) for i in range(3)]
+        while sum(e[0] == "step" for e in fake.log) < 5:  # mid-generation
+            await asyncio.sleep(0.005)
+        await eng.pause_generation(mode="keep")
+        await eng.collective_rpc("load")
+        await eng.update_weight_version("1")
+        await eng.resume_generation()
+        assert [await _drain(s) for s in streams] == [list(range(1, 41))] * 3  # every token, none twice
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+    i = fake.log.index(("rpc", "load"))
+    assert fake.log[i + 1] == ("version", "1"), fake.log[i - 2:i + 3]  # no step between load and label
+    assert not any(e[0] == "abort" for e in fake.log)
+    steps_before = [e for e in fake.log[:i] if e[0] == "step"]
+    steps_after = [e for e in fake.log[i:] if e[0] == "step"]
+    assert steps_before and steps_after and len(steps_before) + len(steps_after) == 40
