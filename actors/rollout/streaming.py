@@ -1,15 +1,14 @@
 """Streaming rollout: one vLLM engine keeping many groups in flight, each emitted once its G samples end.
 
-The engine is vLLM's AsyncLLM (`engine_core="process"`: its engine core in a process of its own) or
-actors.rollout.inproc.InprocEngine (`"inproc"`, the default: the same interface, the engine core stepped by a
-thread of this actor's process).
+The engine is vLLM's AsyncLLM (`engine_core="process"`: its engine core in a process of its own) or InprocEngine
+(actors/rollout/inproc.py, `"inproc"`, the default: the same interface, stepped by a thread of this process).
 
 `StreamingRollout` is an async Ray actor. `submit` hands it groups and returns at once; every sample runs as
 its own engine request (seed + j for sample j, as vLLM's n=G fan-out does), so the engine batches
 continuously across groups and a short group never waits for a long one. When a group's G samples are done
 it goes straight to its sinks (`connect`: the buffer actor, which stores it and hands it to the judge service
-actor in the same call), and the driver only
-learns its id and token count (`poll`). `generate` is the call-at-a-time form (sync mode, benchmarks).
+actor in the same call), and the driver only learns its id and token count (`poll`). `generate` is the
+call-at-a-time form (sync mode, benchmarks).
 
 Weight updates (`rollout.weight_update`):
 - `drain`: new requests wait, in-flight ones finish under the old weights, the weights load, requests resume.
@@ -19,7 +18,6 @@ Weight updates (`rollout.weight_update`):
   weights). Tokens keep the behaviour log-probs of the weights that sampled them; each sample records the
   versions of its first and last token, and its group's policy_version is its oldest token's version, from
   which staleness is counted. Importance weights stay per token (the learner's decoupled-PPO ratio).
-
 - `in_flight` (PipelineRL's): the engine stops between two steps keeping every request, the weights load, and
   the requests go on with their KV cache (nothing aborted, recomputed or waited for). vLLM labels each step's
   tokens with the engine's weight version (changed in the same pause), a finished output carries its tokens'
@@ -27,15 +25,13 @@ Weight updates (`rollout.weight_update`):
 
 A version tag is exact by construction: in `drain` and `interrupt` a request is only submitted while no update
 is in progress, every token it returns comes from the weights of its submission, and an aborted request's
-stream ends before the new weights load; in `in_flight` the engine's own label changes in the same pause as
-the weights.
+stream ends before the new weights load; in `in_flight` the engine's label changes in the same pause as the
+weights. Setup (the label, the weight-load mode) ends before any request or update, on a restarted actor too.
 
 When a submit finds the engine idle, its requests are added while the scheduler is paused and released
-together, so the engine batches them as `vllm.LLM.generate` would: with max_staleness = 0 a run samples
-the same tokens whatever the timing of the calls.
-
-A prompt may cap its own responses with meta["max_new_tokens"] (at most the engine's max_new_tokens); an
-interrupted sample resumes with what is left of its own budget.
+together, so the engine batches them as `vllm.LLM.generate` would: with max_staleness = 0 a run samples the
+same tokens whatever the timing of the calls. A prompt may cap its own responses with meta["max_new_tokens"]
+(at most the engine's max_new_tokens); an interrupted sample resumes with what is left of its own budget.
 """
 
 from __future__ import annotations
@@ -102,7 +98,7 @@ class StreamingRollout:
                                      gpu_memory_utilization=gpu_memory_utilization,
                                      gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes, engine_core=engine_core)
         self.tokenizer = self.engine.tokenizer
-        self._weight_load, self._set_up = weight_load, False
+        self._weight_load, self._set_up, self._setting_up = weight_load, False, asyncio.Lock()  # see _setup
         self._ids = itertools.count()
         self._open = asyncio.Event()  # cleared while weights are updated: no request is submitted then
         self._open.set()
@@ -118,14 +114,18 @@ class StreamingRollout:
                        "pause_seconds": 0.0, "load_seconds": 0.0}
 
     async def _setup(self) -> None:
-        """Once, before the first request or update (a restarted actor too, whichever call comes first)."""
+        """Once, before the first request or update (a restarted actor too, whichever call comes first); a call
+        that finds it under way waits for it to end."""
         if self._set_up:
             return
-        self._set_up = True
-        # the engine labels each step's tokens with its weight version (the version spans of an output)
-        await self.engine.update_weight_version(str(self.version))
-        if self._weight_load != "repack":
-            await self.engine.collective_rpc("rvpo_set_weight_load", args=(str(self._weight_load),))
+        async with self._setting_up:
+            if self._set_up:
+                return
+            # the engine labels each step's tokens with its weight version (the version spans of an output)
+            await self.engine.update_weight_version(str(self.version))
+            if self._weight_load != "repack":
+                await self.engine.collective_rpc("rvpo_set_weight_load", args=(str(self._weight_load),))
+            self._set_up = True
 
     async def ready(self) -> str:
         await self._setup()
