@@ -9,6 +9,7 @@ with the rendezvous address, so that one machine uses loopback and a multi-node 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -21,6 +22,8 @@ from learner.engine import DeepSpeedLearner, LossFn, combine_stats
 from rvpo_async.config import Config, LearnerConfig
 from rvpo_async.placement import actor_options
 from rvpo_async.weight_format import flatten_bucket, new_gloo_group, plan_buckets, read_safetensors, safetensors_array
+
+log = logging.getLogger("rvpo_async")
 
 RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -59,11 +62,21 @@ class LearnerRank:
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
+    def niceness(self) -> int:
+        """The CPU niceness the rank trains at (learner.nice)."""
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
     def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig,
               total_steps: int, seed: int) -> int:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.model_path = model_path
         torch.set_num_threads(cfg.num_threads)
+        if cfg.nice is not None:  # this thread runs every call of the rank; threads it starts inherit its niceness
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, cfg.nice)  # Linux: the calling thread
+            except PermissionError:  # below the current niceness (Ray's 15) needs CAP_SYS_NICE
+                log.warning("learner rank %d: cannot set niceness %d (kept %d): no CAP_SYS_NICE", self.rank,
+                            cfg.nice, os.getpriority(os.PRIO_PROCESS, 0))
         self.learner = DeepSpeedLearner(model_path, cfg, total_steps=total_steps, seed=seed)
         return self.learner.version
 

@@ -66,8 +66,7 @@ class TaskConfig:
     rubric_field: str = "rubric"  # a prompt's own criteria, for the 'rubric' judge kind
     criterion_key: str = "criterion"  # criterion text inside a rubric item ('description' reads RaR's title too)
     weight_key: str = "points"  # a rubric item's points or weight (negative: a pitfall)
-    # held-out evaluation prompts: a share of the task's distinct prompts (split by run.seed), or a file read
-    # like prompts_file; either way no training prompt has the text of an evaluation prompt
+    # held-out evaluation prompts: a share of the task's prompts (split by run.seed) or a file; never a training one
     eval_fraction: float = 0.0
     eval_file: Optional[str] = None
     # a long-tailed workload (benchmarks of rollout.weight_update): with short_max_new_tokens > 0, responses to
@@ -118,9 +117,8 @@ class RolloutConfig:
     # what a weight update does to responses being generated: `drain` (they finish under the old weights),
     # `interrupt` (stopped, prefilled again under the new ones) or `in_flight` (go on with their KV cache)
     weight_update: Literal["drain", "interrupt", "in_flight"] = "drain"
-    # where an engine's vLLM engine core runs: `inproc` (a thread of the rollout actor's process steps it: no
-    # second process, no serialisation; starts faster) or `process` (vLLM's AsyncLLM: a process of its own, fed
-    # over ZeroMQ). Same tokens, same throughput here (BENCHMARKS.md)
+    # where an engine's vLLM engine core runs: `inproc` (a thread of the rollout actor steps it; starts faster)
+    # or `process` (vLLM's AsyncLLM: a process of its own, fed over ZeroMQ). Same tokens and throughput here
     engine_core: Literal["inproc", "process"] = "inproc"
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -157,8 +155,7 @@ class AlgoConfig:
     staleness_decay: float = 1.0  # lambda in lambda**staleness; 1.0 = off
     nan_policy: Literal["error", "mask"] = "mask"  # what a non-finite judge score becomes
     rubric_weights: Literal["uniform", "points"] = "uniform"  # a prompt's own criteria: 1/M, or |points| share
-    # k_risk per step: constant uses k_risk; linear/cosine go from k_risk_start to k_risk_end over
-    # k_risk_steps optimizer steps (None: run.steps - 1, so the last step uses k_risk_end)
+    # k_risk per step: constant (k_risk), or k_risk_start to k_risk_end over k_risk_steps (None: run.steps - 1)
     k_risk_schedule: Literal["constant", "linear", "cosine"] = "constant"
     k_risk_start: float = 0.5
     k_risk_end: float = 2.0
@@ -227,12 +224,13 @@ class LearnerConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    # sequences per forward/backward pass; one optimizer step accumulates the gradients of every
-    # micro-batch of the step's batch (gradient accumulation follows from the batch size)
+    # sequences per forward/backward pass; the micro-batches of a step's batch accumulate into one optimizer step
     micro_batch_size: int = 64
     # torch threads per rank; more than one pays only where a rank has cores to itself (sync mode, a
     # compute-bound model): oversubscribed threads make a CPU step many times slower
     num_threads: int = 1
+    # CPU niceness (0-19) of the thread that runs each rank's steps; None: Ray's (15, as every actor's)
+    nice: Optional[int] = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -253,6 +251,8 @@ class LearnerConfig:
         for key in ("num_ranks", "num_threads", "micro_batch_size", "length_buckets"):
             if getattr(self, key) < 1:
                 yield key, f"must be >= 1, got {getattr(self, key)}"
+        if self.nice is not None and not 0 <= self.nice <= 19:
+            yield "nice", f"must be in 0..19 (a niceness) or null (Ray's), got {self.nice}"
         if not self.lr > 0:
             yield "lr", f"must be > 0, got {self.lr}"
         if 10002 <= self.master_port <= 19999:
