@@ -35,6 +35,7 @@ class BufferService:
         else:
             self._buf = GroupBuffer(judge_names, group_size, capacity_groups, max_staleness, persist_dir)
         self._room = asyncio.Condition()
+        self._readied = asyncio.Event()  # set (and replaced) when reward entries arrive: pulls waiting re-check
         self._waiting = 0
         self._put_waits = 0
         self._put_wait_s = 0.0
@@ -68,23 +69,37 @@ class BufferService:
     async def set_rewards(self, entries: Iterable[RewardEntry]) -> None:
         """(group_id, sample_idx, judge_idx, JudgeResult) entries; a bad batch stores nothing."""
         self._buf.set_rewards(entries)
+        self._readied.set()
+        self._readied = asyncio.Event()
 
-    async def pull(self, n_groups: int, current_version: int, min_groups: int = 1) -> pa.Table | None:
-        async with self._room:
-            table = self._buf.pull(n_groups, current_version, min_groups)
-            if self._buf.has_room():  # pulled or stale-dropped groups made room; waiters re-check
-                self._room.notify_all()
-        return table
+    async def pull(self, n_groups: int, current_version: int, min_groups: int = 1,
+                   wait_s: float = 0.0) -> pa.Table | None:
+        """GroupBuffer.pull; with `wait_s`, a pull that finds fewer than `min_groups` ready waits up to that long
+        for reward entries to make them ready (the learner's side long-polls rather than calling again)."""
+        end = time.monotonic() + wait_s
+        while True:
+            readied = self._readied
+            async with self._room:
+                table = self._buf.pull(n_groups, current_version, min_groups)
+                if self._buf.has_room():  # pulled or stale-dropped groups made room; waiters re-check
+                    self._room.notify_all()
+            left = end - time.monotonic()
+            if table is not None or left <= 0:
+                return table
+            try:
+                await asyncio.wait_for(readied.wait(), left)
+            except TimeoutError:
+                pass  # one more look, then give up
 
     @ray.method(num_returns=2)
-    async def pull_split(self, n_groups: int, current_version: int,
-                         min_groups: int = 1) -> tuple[dict[str, int], pa.Table | None]:
+    async def pull_split(self, n_groups: int, current_version: int, min_groups: int = 1,
+                         wait_s: float = 0.0) -> tuple[dict[str, int], pa.Table | None]:
         """`pull` as two objects, so the caller fetches only the small first one and hands the table's
         ObjectRef on unread (to the learner ranks, which map the Arrow buffers themselves):
         ({"groups": n, "rows": n * G}, table), or ({"groups": 0}, None) when nothing was pulled.
         Declared with two returns: `meta_ref, table_ref = buffer.pull_split.remote(...)` (the same as
         `buffer.pull_split.options(num_returns=2).remote(...)`)."""
-        table = await self.pull(n_groups, current_version, min_groups)
+        table = await self.pull(n_groups, current_version, min_groups, wait_s)
         if table is None:
             return {"groups": 0}, None
         return {"groups": table.num_rows // self._buf.group_size, "rows": table.num_rows}, table

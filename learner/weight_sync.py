@@ -15,6 +15,7 @@ serves the new version.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -41,6 +42,7 @@ class ObjectStoreSync:
     def __init__(self) -> None:
         self._last: tuple[int, ray.ObjectRef] | None = None
         self._loading: tuple[int, list[ray.ObjectRef]] = (-1, [])  # the last update: version, engines' calls
+        self._sent = threading.Condition()  # notified when an update is sent (wait_landing)
 
     def wait(self) -> None:
         """Until the engines have loaded the last update; raises an engine's failure of it."""
@@ -59,12 +61,24 @@ class ObjectStoreSync:
             ray.get(refs)
         return version
 
+    def wait_landing(self, after: int, timeout_s: float) -> None:
+        """Block until an update newer than version `after` has landed on every engine, at most `timeout_s`
+        (the rollout loop's wait: a landing is what lets it admit more). May be called from another thread."""
+        end = time.monotonic() + timeout_s
+        with self._sent:
+            self._sent.wait_for(lambda: self._loading[0] > after, timeout_s)
+            version, refs = self._loading
+        if version > after and refs:
+            ray.wait(refs, num_returns=len(refs), timeout=max(0.0, end - time.monotonic()))
+
     def sync(self, learner: "LearnerGroup", engines: Sequence[Any], version: int, wait: bool = True) -> float:
         t0 = time.perf_counter()
         self.wait()
         ref = learner.export_blob()
         self._last = (int(version), ref)  # keeps the blob alive for catch_up; the previous one is freed
-        self._loading = (int(version), [e.update_weights.remote(int(version), ref) for e in engines])
+        with self._sent:
+            self._loading = (int(version), [e.update_weights.remote(int(version), ref) for e in engines])
+            self._sent.notify_all()
         if wait:
             self.wait()
         return time.perf_counter() - t0
@@ -98,10 +112,15 @@ class CollectiveSync:
         self._builds = 0
         self._meta: list[dict[str, Any]] | None = None
         self._landed: int | None = None
+        self._sent = threading.Condition()  # notified when a broadcast ends (wait_landing)
 
     def landed(self) -> int | None:
         """Every sync waits for the broadcast to end, so the last one has landed once sync returns."""
         return self._landed
+
+    def wait_landing(self, after: int, timeout_s: float) -> None:
+        with self._sent:
+            self._sent.wait_for(lambda: (self._landed if self._landed is not None else -1) > after, timeout_s)
 
     def _ensure_group(self, learner: "LearnerGroup", engines: Sequence[Any]) -> None:
         if list(engines) == self._members:  # actor handles compare by actor id
@@ -134,7 +153,9 @@ class CollectiveSync:
         self._members_version = None
         self._broadcast(learner, engines, version)
         self._members_version = int(version)
-        self._landed = max(int(version), self._landed or 0)
+        with self._sent:
+            self._landed = max(int(version), self._landed or 0)
+            self._sent.notify_all()
         return time.perf_counter() - t0
 
     def catch_up(self, learner: "LearnerGroup", engine: Any, version: int) -> bool:

@@ -43,6 +43,11 @@ log = logging.getLogger("rvpo_async")
 __all__ = ["Interrupted", "prepare_run_dir", "resolve_auto_resume", "train"]
 
 
+# the longest a loop blocks on an event (a batch becoming ready, an update landing) before it looks at the rest
+_WAIT_S = 0.1
+_POLL_S = 0.05  # how often the rollout loop hears the engines while it waits for a landing
+
+
 class Interrupted(RuntimeError):
     """The run was stopped by SIGINT/SIGTERM after writing a final checkpoint."""
 
@@ -63,6 +68,7 @@ class Run:
         self.lock = threading.Lock()
         self.held: list[dict[int, tuple]] = [{} for _ in p.engines]  # engine -> group id -> (prompt, id, seed)
         self.error: BaseException | None = None
+        self.admitted_at = -1  # the synced version the last admission counted from
 
     def going(self) -> bool:
         return self.state.step < self.p.cfg.run.steps and not self.stop.is_set() and self.error is None
@@ -73,6 +79,7 @@ class Run:
         cfg = self.p.cfg
         with self.lock:
             self.stepper.advance_synced()
+            self.admitted_at = self.state.synced_version
             cap = admission_capacity(self.state.synced_version, self.state.submitted_groups,
                                      cfg.rollout.groups_per_step, cfg.staleness.max_staleness)
             n = cap if limit is None else min(cap, limit)
@@ -140,7 +147,7 @@ class Run:
     def train_one(self, bar: Any) -> bool:
         """Pull a batch (a reference: its rows go from the buffer to the learner ranks) and train a step; the
         engines load the new weights while the next step trains (admit() counts from them once loaded)."""
-        pulled = self.stepper.pull()
+        pulled = self.stepper.pull(wait_s=_WAIT_S)
         if pulled is None:
             return False
         result = self.stepper.train_on(pulled, wait_for_engines=False)
@@ -152,15 +159,14 @@ class Run:
 def rollout_loop(run: Run) -> None:
     while run.going():
         moved = run.admit() + run.collect() + run.tick()
-        if not moved:
-            time.sleep(0.01)  # nothing moved: do not spin a core the actors need
+        if not moved:  # only a landed update admits more: wait for one, hearing the engines every _POLL_S
+            run.stepper.wait_landing(run.admitted_at, _POLL_S)
 
 
 def training_loop(run: Run, bar: Any) -> None:
     try:
         while run.going():
-            if not run.train_one(bar):
-                time.sleep(0.01)
+            run.train_one(bar)  # its pull waits up to _WAIT_S for a batch
     except BaseException as e:  # the rollout loop sees it and stops; train() raises it
         run.error = e
 
@@ -192,9 +198,7 @@ def run_sync(run: Run, bar: Any) -> None:
         pulled = None
         while pulled is None and not run.stop.is_set():
             run.tick()
-            pulled = run.stepper.pull(min_groups=gps)
-            if pulled is None:
-                time.sleep(0.01)
+            pulled = run.stepper.pull(min_groups=gps, wait_s=_WAIT_S)
         if pulled is None:
             return
         t2 = time.perf_counter()

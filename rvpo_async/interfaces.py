@@ -125,3 +125,7 @@ class WeightSync(Protocol):
         """The version of the last sync once every engine has loaded it (None while one is loading or before
         the first sync); admission control counts from it. May be called from another thread than sync's."""
         ...
+
+    def wait_landing(self, after: int, timeout_s: float) -> None:
+        """Block until a sync newer than version `after` has landed, at most `timeout_s` (any thread)."""
+        ...

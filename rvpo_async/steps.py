@@ -83,12 +83,14 @@ class Stepper:
         if self.p.metrics:
             self.p.metrics.record_generation(tokens, sum(int(d["samples"]) for d in delivered))
 
-    def pull(self, min_groups: int | None = None) -> Any:
-        """A reference to the next batch, or None when fewer than `min_groups` groups are ready. Only the
-        small meta object comes here: the learner ranks read the table from the object store themselves."""
+    def pull(self, min_groups: int | None = None, wait_s: float = 0.0) -> Any:
+        """A reference to the next batch, or None when fewer than `min_groups` groups are ready within `wait_s`
+        (the buffer waits for them: no polling). Only the small meta object comes here: the learner ranks read
+        the table from the object store themselves."""
         gps = self.cfg.rollout.groups_per_step
         try:
-            meta, table = self.p.buffer.pull_split.remote(gps, self.state.version, min_groups=min_groups or gps)
+            meta, table = self.p.buffer.pull_split.remote(gps, self.state.version, min_groups=min_groups or gps,
+                                                          wait_s=wait_s)
             return table if ray.get(meta)["groups"] else None
         except ray.exceptions.RayError as e:
             raise actor_failure("buffer", e) from None
@@ -160,6 +162,14 @@ class Stepper:
             return
         if version is not None and version > self.state.synced_version:
             self.state.synced_version = version
+
+    def wait_landing(self, after: int, timeout_s: float) -> None:
+        """Until an update newer than version `after` has landed on every engine, at most `timeout_s`."""
+        try:
+            self.p.sync.wait_landing(after, timeout_s)
+            self.p.sync.landed()  # raises an engine's failure of the update, which wait_landing returns at once for
+        except ray.exceptions.RayError:  # as in advance_synced: the training side raises it; wait, do not spin
+            time.sleep(timeout_s)
 
     def train_on(self, table_ref: Any, wait_for_engines: bool = True) -> dict[str, Any]:
         """One learner step on a pulled batch (the ranks build it and its advantages: rvpo_async.step_math),

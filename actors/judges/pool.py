@@ -129,6 +129,10 @@ class JudgePool:
             if out or time.monotonic() >= end or not (self._calls or self._starting or self._queue):
                 return out
 
+    def idle(self) -> bool:
+        """Nothing queued, in flight or starting: poll() would return at once."""
+        return not (self._calls or self._starting or self._queue)
+
     def resize(self, n: int) -> None:
         j = self._cfg.judges
         if not j.min_workers <= n <= j.max_workers:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from typing import Any
 
@@ -35,6 +34,7 @@ class JudgeService:
         self._error = ""
         self._written = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by submit: the loop sleeps on it while nothing is being judged
         self._thread = threading.Thread(target=self._loop, name="judge-service", daemon=True)
         self._thread.start()
 
@@ -46,6 +46,7 @@ class JudgeService:
         if self._error:
             raise RuntimeError(f"judge service stopped: {self._error}")
         self._incoming.append(group)
+        self._wake.set()
 
     def _loop(self) -> None:
         pending: list[Any] = []
@@ -62,8 +63,10 @@ class JudgeService:
                 if pending:
                     done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
                     ray.get(done)  # a buffer that refused the entries stops the service: the driver is told
-                if not entries and not self._incoming:
-                    time.sleep(0.005)
+                if not entries and not self._incoming and self._pool.idle():
+                    # poll() waits for calls in flight itself; idle, wait for a submit (or the buffer's answer)
+                    self._wake.wait(0.005 if pending else 0.1)
+                    self._wake.clear()
             except Exception as e:  # reported by submit/stats; the driver stops the run naming the judges
                 self._error = f"{type(e).__name__}: {e}"
                 log.error("judge service: %s", self._error)

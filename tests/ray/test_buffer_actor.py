@@ -178,3 +178,22 @@ def test_a_stored_group_reaches_the_judges_even_when_its_engine_died_after_sendi
     assert ray.get(actor.pull.remote(1, 0)).num_rows == 2  # room for group 2
     wait_until(lambda: ray.get(judges.ids.remote()) == [1, 2], "group 2 to reach the judges")
     assert ray.get(actor.stats.remote())["groups"]["pending"] == 1
+
+
+def test_pull_with_wait_s_returns_once_rewards_make_a_group_ready_and_none_after_the_wait(ray_local) -> None:
+    ray = ray_local
+    actor = create_buffer_actor(small_config(capacity=4), JUDGES, persist_dir=None)
+    ray.get(actor.put_group.remote(make_group(1)))
+    t0 = time.monotonic()
+    assert ray.get(actor.pull.remote(1, 0, 1, 0.3)) is None  # no rewards: the pull waits out its 0.3 s
+    assert time.monotonic() - t0 >= 0.3
+    waiting = actor.pull.remote(1, 0, 1, 60.0)
+    time.sleep(0.3)
+    assert ray.wait([waiting], timeout=0)[0] == []  # still waiting: the group has no rewards yet
+    ray.get(actor.set_rewards.remote(entries(1)[:-1]))  # one judge short: not ready, the pull waits on
+    time.sleep(0.3)
+    assert ray.wait([waiting], timeout=0)[0] == []
+    ray.get(actor.set_rewards.remote(entries(1)[-1:]))
+    table = ray.get(waiting, timeout=30)  # answered by the entry that made the group ready, not the 60 s timeout
+    assert table.column("group_id").to_pylist() == [1, 1]
+    ray.kill(actor)

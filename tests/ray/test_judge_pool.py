@@ -191,3 +191,31 @@ def test_a_bad_spec_fails_pool_construction_naming_the_judge_and_param(ray_local
     spec = JudgeSpec(name="fmt", kind="regex", params={"patern": "x"})
     with pytest.raises(ValueError, match=r"judge 'fmt' \(kind 'regex'\): param 'patern' is unknown"):
         JudgePool(make_cfg([spec]))
+
+
+def test_judge_service_scores_groups_submitted_after_it_has_sat_idle(ray_local) -> None:
+    """The service's thread sleeps while nothing is queued; a submit wakes it, and every entry of a group
+    submitted after an idle spell still reaches the buffer."""
+    from actors.buffer import create_buffer_actor
+    from actors.judges.service import JudgeServiceActor
+
+    cfg = dataclasses.replace(make_cfg([FMT], num_workers=1), rollout=dataclasses.replace(
+        Config().rollout, group_size=2))
+    buffer = create_buffer_actor(cfg, ["fmt"], persist_dir=None)
+    service = JudgeServiceActor.remote(cfg, {}, buffer)
+    try:
+        for first in (0, 1):
+            group = groups(1, 2, first_id=first)[0]
+            ray.get(buffer.put_group.remote(group))
+            ray.get(service.submit.remote(group))
+            end = time.monotonic() + 60
+            while ray.get(buffer.stats.remote())["groups"]["ready"] < first + 1:
+                assert time.monotonic() < end, ray.get(service.stats.remote())
+                time.sleep(0.05)
+            time.sleep(0.5)  # idle: nothing queued or in flight
+        s = ray.get(service.stats.remote())
+        assert s["entries_written"] == 4 and s["error"] == ""
+    finally:
+        ray.get(service.shutdown.remote())
+        ray.kill(service)
+        ray.kill(buffer)

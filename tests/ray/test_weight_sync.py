@@ -35,6 +35,41 @@ def test_blob_and_buckets_round_trip_every_tensor_bit_for_bit() -> None:
     assert all(torch.equal(got[k], v) for k, v in state.items())
 
 
+@pytest.mark.ray
+def test_wait_landing_returns_when_a_newer_update_has_loaded_and_times_out_otherwise(ray_local) -> None:
+    """The rollout loop's wait (object-store transport): a fake learner and an engine whose load takes 0.5 s
+    stand in, since the property is the waiting logic; test_train runs it with the real parts."""
+    import threading
+    import time
+
+    from learner.weight_sync import ObjectStoreSync
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class SlowEngine:
+        def update_weights(self, version: int, blob: Any) -> int:
+            time.sleep(0.5)
+            return version
+
+    class Learner:
+        def export_blob(self) -> Any:
+            return ray.put(b"weights")
+
+    sync, engine = ObjectStoreSync(), SlowEngine.remote()
+    t0 = time.monotonic()
+    sync.wait_landing(-1, 0.2)  # nothing sent: waits its whole timeout
+    assert time.monotonic() - t0 >= 0.2 and sync.landed() == -1
+    threading.Timer(0.2, sync.sync, (Learner(), [engine], 1), {"wait": False}).start()
+    t0 = time.monotonic()
+    sync.wait_landing(-1, 30.0)  # woken by the send, then waits for the engine's load
+    assert 0.6 <= time.monotonic() - t0 < 10.0 and sync.landed() == 1
+    t0 = time.monotonic()
+    sync.wait_landing(1, 0.2)  # version 1 has landed already; nothing newer comes
+    assert time.monotonic() - t0 >= 0.2 and sync.landed() == 1
+    ray.kill(engine)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir: str):
     import ray
