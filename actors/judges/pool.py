@@ -126,7 +126,7 @@ class JudgePool:
             self._expire(out)
             self._reap()
             self._dispatch(out)
-            if out or time.monotonic() >= end or not (self._calls or self._starting or self._queue):
+            if out or time.monotonic() >= end or self.idle():
                 return out
 
     def idle(self) -> bool:
