@@ -156,7 +156,7 @@ def build_pipeline(cfg: Config, run_dir: Path) -> Pipeline:
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             gpu_kv_cache_memory_bytes=cfg.rollout.gpu_kv_cache_memory_bytes, weight_load=cfg.rollout.weight_load,
             weight_update=cfg.rollout.weight_update, engine_core=cfg.rollout.engine_core,
-            min_new_tokens=cfg.rollout.min_new_tokens)
+            min_new_tokens=cfg.rollout.min_new_tokens, compile_model=cfg.rollout.compile)
         engines.append(h)
         engine_names.append(name)
     learner = LearnerGroup(cfg, model_path)

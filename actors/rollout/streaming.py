@@ -83,17 +83,19 @@ class StreamingRollout:
                  kv_cache_memory_bytes: int = 64 * 1024 * 1024, version: int = 0,
                  gpu_memory_utilization: float = 0.9, gpu_kv_cache_memory_bytes: int | None = None,
                  weight_load: str = "repack", weight_update: str = "drain", ignore_eos: bool = False,
-                 engine_core: str = "inproc", min_new_tokens: int = 0) -> None:
+                 engine_core: str = "inproc", min_new_tokens: int = 0, compile_model: bool = False) -> None:
         apply_vllm_env()
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"rollout.weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
+        if compile_model and weight_load == "in_place":  # the compiled graph was traced on the packed weights
+            raise ValueError("rollout.compile needs rollout.weight_load=repack (in_place swaps the kernels)")
         self.name, self.group_size, self.max_new_tokens = name, group_size, max_new_tokens
         self.temperature, self.top_p, self.seed, self.version = temperature, top_p, seed, version
         self.weight_update = weight_update
         self.ignore_eos = ignore_eos  # benchmarks: responses run to their budget
         self.min_new_tokens = min_new_tokens  # no end of sequence before it (rollout.min_new_tokens)
         self.engine = make_async_llm(model_path, seed=seed, max_model_len=max_model_len,
-                                     kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                     kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=not compile_model,
                                      worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
                                      gpu_memory_utilization=gpu_memory_utilization,
                                      gpu_kv_cache_memory_bytes=gpu_kv_cache_memory_bytes, engine_core=engine_core)
@@ -136,8 +138,7 @@ class StreamingRollout:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        # drain, in_flight: a sample is read once, at its end (its stream wakes this actor's event loop once);
-        # interrupt needs each token as it comes, so an aborted sample keeps what it has
+        # drain, in_flight: each sample read once, at its end; interrupt: each token as it comes (an abort keeps them)
         kind = RequestOutputKind.DELTA if self.weight_update == "interrupt" else RequestOutputKind.FINAL_ONLY
         return SamplingParams(n=1, max_tokens=max_tokens, min_tokens=max(0, min(min_tokens, max_tokens)),
                               temperature=self.temperature, top_p=self.top_p, logprobs=0, seed=seed,
@@ -236,8 +237,7 @@ class StreamingRollout:
 
     # ------------------------------------------------------------------ streaming data path
     def connect(self, buffer: Any, judges: Any) -> None:
-        """Where finished groups go: `buffer.put_group(group, judges=judges)`, which waits while the buffer is full,
-        stores the group and hands it to the judge service, in one call."""
+        """Finished groups go to `buffer.put_group(group, judges=judges)`: stored, then handed to the judges."""
         self._sinks = (buffer, judges)
 
     async def submit(self, prompts: Sequence[Prompt], group_ids: Sequence[int],

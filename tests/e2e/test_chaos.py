@@ -21,8 +21,9 @@ def test_a_run_survives_killing_each_actor_kind_and_its_ledger_reconciles(tmp_pa
     run = tmp_path / "run"
     cfg = load_config(CONFIG, ["rollout.group_size=4", "rollout.groups_per_step=4", "rollout.max_new_tokens=12",
                                "judges.num_workers=2", "metrics.enabled=false", "run.progress=false",
-                               "learner.micro_batch_size=16", "run.steps=12", "checkpoint.every=2",
-                               "learner.master_port=21760", f"run.output_dir={run}", f"model.path={tiny_model_dir}"])
+                               "rollout.compile=false", "learner.micro_batch_size=16", "run.steps=12",
+                               "checkpoint.every=2", "learner.master_port=21760", f"run.output_dir={run}",
+                               f"model.path={tiny_model_dir}"])
     rc = chaos(cfg, ["learner", "buffer", "rollout", "judge"], duration_s=10.0, judge_every_s=5.0)
     out = capsys.readouterr().out
     assert rc == 0, out

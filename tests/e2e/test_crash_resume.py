@@ -45,7 +45,8 @@ def test_resume_after_the_learner_was_killed_trains_every_step(tmp_path: Path, t
     cmd = [sys.executable, "-m", "rvpo_async.cli", "train", "--config", CONFIG, f"run.output_dir={run}",
            f"model.path={tiny_model_dir}", "run.steps=8", "rollout.group_size=4", "rollout.groups_per_step=4",
            "rollout.max_new_tokens=12", "judges.num_workers=1", "metrics.enabled=false", "checkpoint.every=3",
-           "run.progress=false", "ray.num_cpus=4", "learner.master_port=21730", "staleness.max_staleness=2",
+           "rollout.compile=false", "run.progress=false", "ray.num_cpus=4", "learner.master_port=21730",
+           "staleness.max_staleness=2",
            "run.max_restarts=0"]  # no in-run recovery: this test is about resuming a crashed run
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600

@@ -42,7 +42,7 @@ def test_async_driver_never_receives_sample_payloads(tmp_path, tiny_model_dir, r
 
     cfg = load_config("configs/tiny-cpu.yaml", overrides=[
         f"model.path={tiny_model_dir}", "model.build_if_missing=false", f"run.output_dir={tmp_path / 'run'}",
-        "run.steps=4", "run.progress=false", "metrics.enabled=false", "checkpoint.every=0",
+        "run.steps=4", "run.progress=false", "metrics.enabled=false", "rollout.compile=false", "checkpoint.every=0",
         "rollout.groups_per_step=4", "rollout.group_size=4"])
     got: list[tuple[int, list[str]]] = []
     recording = {"on": False}

@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
 SMALL = ["rollout.group_size=4", "rollout.groups_per_step=2", "rollout.max_new_tokens=12", "judges.num_workers=1",
          "metrics.enabled=false", "run.progress=false", "learner.micro_batch_size=16", "learner.master_port=21291",
-         "checkpoint.every=0", "task.eval_fraction=0.2", "eval.num_prompts=8", "eval.samples_per_prompt=2",
-         "eval.temperature=1.0"]
+         "rollout.compile=false", "checkpoint.every=0", "task.eval_fraction=0.2", "eval.num_prompts=8",
+         "eval.samples_per_prompt=2", "eval.temperature=1.0"]
 
 
 @pytest.fixture(scope="module")

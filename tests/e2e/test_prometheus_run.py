@@ -28,7 +28,7 @@ def test_prometheus_scrapes_a_real_run(tmp_path: Path, tiny_model_dir: str, ray_
     cfg = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), [
         f"run.output_dir={run}", f"model.path={tiny_model_dir}", "run.steps=400", "run.progress=false",
         "rollout.group_size=4", "rollout.groups_per_step=4", "rollout.max_new_tokens=12", "judges.num_workers=1",
-        "checkpoint.every=0", f"metrics.port={metrics_port}", "metrics.host=127.0.0.1"])
+        "checkpoint.every=0", f"metrics.port={metrics_port}", "metrics.host=127.0.0.1", "rollout.compile=false"])
     scraped_during_run: list[float] = []
 
     def stop_after_scrapes() -> None:

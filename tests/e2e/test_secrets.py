@@ -74,6 +74,7 @@ def test_a_judge_api_key_appears_in_no_file_log_or_metric(tmp_path: Path, tiny_m
     cmd = [sys.executable, "-m", "rvpo_async.cli", "train", "--config", CONFIG, f"run.output_dir={run}",
            f"model.path={tiny_model_dir}", "run.steps=3", "rollout.group_size=4", "rollout.groups_per_step=2",
            "rollout.max_new_tokens=8", "judges.num_workers=1", "checkpoint.every=1", "run.progress=false",
+           "rollout.compile=false",
            "ray.num_cpus=4", f"metrics.port={metrics_port}", "learner.master_port=21950", f"judges.specs={spec}"]
     env = dict(os.environ, RAY_ADDRESS="", RVPO_CANARY_JUDGE_KEY=CANARY)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

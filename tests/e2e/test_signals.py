@@ -24,7 +24,7 @@ def test_sigterm_writes_final_checkpoint_and_leaves_no_processes(tmp_path: Path,
     cmd = [sys.executable, "-m", "rvpo_async.cli", "train", "--config", CONFIG, f"run.output_dir={run}",
            f"model.path={tiny_model_dir}", "run.steps=500", "rollout.group_size=4", "rollout.groups_per_step=4",
            "rollout.max_new_tokens=12", "judges.num_workers=1", "metrics.enabled=false", "checkpoint.every=0",
-           "run.progress=false", "ray.num_cpus=4"]
+           "rollout.compile=false", "run.progress=false", "ray.num_cpus=4"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     me = psutil.Process(proc.pid)
     metrics = run / "metrics.jsonl"

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
 SMALL = ["rollout.group_size=4", "rollout.groups_per_step=4", "rollout.max_new_tokens=12", "judges.num_workers=1",
-         "metrics.enabled=false", "run.progress=false", "learner.micro_batch_size=16"]
+         "metrics.enabled=false", "rollout.compile=false", "run.progress=false", "learner.micro_batch_size=16"]
 
 
 def small_config(tmp: Path, model: str, *extra: str):
@@ -35,7 +35,7 @@ def test_async_run_advances_version_bounds_staleness_and_writes_run_dir(tmp_path
 
     run = tmp_path / "run"
     cfg = small_config(run, tiny_model_dir, "run.mode=async", "run.steps=4", "staleness.max_staleness=1",
-                       "checkpoint.every=2", "algo.kl_coef=0.05")
+                       "checkpoint.every=2", "algo.kl_coef=0.05", "rollout.compile=true")  # compiled, as shipped
     report = train(cfg)
 
     rows = rows_of(run)

@@ -284,3 +284,55 @@ def test_in_place_engine_scores_like_transformers_at_start_and_after_each_sync(
     groups = ray.get(in_place_engine.generate.remote(
         [Prompt("p", "", tuple(PROMPT))], [0], [1]))
     assert len(groups[0].samples) == 2 and all(s.token_ids for s in groups[0].samples)
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(setup: Any, tiny_model_dir: str):
+    import ray
+
+    from actors.rollout.streaming import StreamingRolloutActor
+
+    engine = StreamingRolloutActor.options(num_cpus=0.5).remote("e-compiled", tiny_model_dir, group_size=2,
+                                                                max_new_tokens=4, compile_model=True)
+    ray.get(engine.ready.remote())
+    yield engine
+    ray.kill(engine)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_compiled_engine_scores_like_transformers_at_start_and_after_each_sync(
+        setup: Any, compiled_engine: Any, tiny_model_dir: str) -> None:
+    """rollout.compile (configs/tiny-cpu.yaml): the inductor-compiled model serves every update it loads, by
+    either transport, as the eager one does (its graph reads the reloaded weights, nothing is frozen in)."""
+    from pathlib import Path
+
+    import ray
+    from safetensors.torch import load_file
+
+    from rvpo_async.types import Prompt
+
+    learner, _, syncs = setup
+    start = ray.get(compiled_engine.score_tokens.remote(PROMPT, RESPONSE))
+    checkpoint = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert max_diff(start, reference_logprobs(tiny_model_dir, checkpoint)) < 1e-4
+    previous = start
+    for i, transport in enumerate(TRANSPORTS):
+        version = ray.get(compiled_engine.get_version.remote()) + 1
+        set_perturbed_weights(learner, seed=40 + i)
+        syncs[transport].sync(learner, [compiled_engine], version)
+        after = ray.get(compiled_engine.score_tokens.remote(PROMPT, RESPONSE))
+        assert ray.get(compiled_engine.get_version.remote()) == version
+        assert max_rel_diff(after, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-5
+        assert max_diff(after, previous) > 1e-2
+        previous = after
+    groups = ray.get(compiled_engine.generate.remote([Prompt("p", "", tuple(PROMPT))], [0], [1]))
+    assert len(groups[0].samples) == 2 and all(s.token_ids for s in groups[0].samples)
+
+
+def test_a_compiled_engine_refuses_in_place_weight_loading() -> None:
+    from actors.rollout.streaming import StreamingRollout
+
+    with pytest.raises(ValueError, match="rollout.compile needs rollout.weight_load=repack"):
+        StreamingRollout("e", "/nonexistent", group_size=2, max_new_tokens=4, compile_model=True,
+                         weight_load="in_place")

@@ -319,3 +319,11 @@ def test_min_new_tokens_must_fit_the_response_budget():
     for bad in ("rollout.min_new_tokens=33", "rollout.min_new_tokens=-1"):
         with pytest.raises(ConfigError, match=r"'rollout.min_new_tokens': must be in \[0, max_new_tokens=32\]"):
             Config().override(bad)
+
+
+def test_a_compiled_engine_needs_repacked_weight_loading():
+    """rollout.compile traces the model on vLLM's packed CPU kernels; in_place loading swaps them out."""
+    assert Config().override("rollout.compile=true").rollout.compile is True
+    assert load_config(CONFIG_DIR / "tiny-cpu.yaml").rollout.compile is True  # the embedded default compiles
+    with pytest.raises(ConfigError, match=r"'rollout.compile': needs weight_load=repack"):
+        Config().override("rollout.compile=true", "rollout.weight_load=in_place")
