@@ -243,15 +243,23 @@ def test_collective_sync_mid_generation_interrupts_responses_and_they_finish_on_
     assert max_diff(scores, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def in_place_engine(setup: Any, tiny_model_dir: str):
+def small_engine(name: str, tiny_model_dir: str, **kw: Any) -> Any:
+    """A ready streaming engine of the tiny model: 2 samples a group, 4 new tokens."""
     import ray
 
     from actors.rollout.streaming import StreamingRolloutActor
 
-    engine = StreamingRolloutActor.options(num_cpus=0.5).remote("e-in-place", tiny_model_dir, group_size=2,
-                                                                max_new_tokens=4, weight_load="in_place")
+    engine = StreamingRolloutActor.options(num_cpus=0.5).remote(name, tiny_model_dir, group_size=2, max_new_tokens=4,
+                                                                **kw)
     ray.get(engine.ready.remote())
+    return engine
+
+
+@pytest.fixture(scope="module")
+def in_place_engine(setup: Any, tiny_model_dir: str):
+    import ray
+
+    engine = small_engine("e-in-place", tiny_model_dir, weight_load="in_place")
     yield engine
     ray.kill(engine)
 
@@ -290,11 +298,7 @@ def test_in_place_engine_scores_like_transformers_at_start_and_after_each_sync(
 def compiled_engine(setup: Any, tiny_model_dir: str):
     import ray
 
-    from actors.rollout.streaming import StreamingRolloutActor
-
-    engine = StreamingRolloutActor.options(num_cpus=0.5).remote("e-compiled", tiny_model_dir, group_size=2,
-                                                                max_new_tokens=4, compile_model=True)
-    ray.get(engine.ready.remote())
+    engine = small_engine("e-compiled", tiny_model_dir, compile_model=True)
     yield engine
     ray.kill(engine)
 
