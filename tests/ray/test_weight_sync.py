@@ -102,13 +102,18 @@ def learner_state(learner: Any) -> dict[str, torch.Tensor]:
     return load(bytes(ray.get(learner.export_blob())))  # also proves the blob is standard safetensors
 
 
+_FIRST_WEIGHTS: dict[int, dict[str, torch.Tensor]] = {}  # learner -> its weights before the first perturbation
+
+
 def set_perturbed_weights(learner: Any, seed: int) -> None:
-    """Deterministic known weights: every tensor scaled and shifted by seeded noise."""
+    """Deterministic known weights: every tensor of the learner's first weights scaled and shifted by seeded noise
+    (from the same base each time: perturbing the last perturbation would grow the weights, and with them the
+    log-probs and their fp32 rounding, with every test that ran before)."""
     from safetensors.torch import save
 
+    base = _FIRST_WEIGHTS.setdefault(id(learner), learner_state(learner))
     g = torch.Generator().manual_seed(seed)
-    state = {k: (v * 1.2 + 0.02 * torch.randn(v.shape, generator=g)).contiguous()
-             for k, v in learner_state(learner).items()}
+    state = {k: (v * 1.2 + 0.02 * torch.randn(v.shape, generator=g)).contiguous() for k, v in base.items()}
     learner.load_weights(save(state))
 
 
