@@ -269,36 +269,6 @@ def in_place_engine(setup: Any, tiny_model_dir: str):
     ray.kill(engine)
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_in_place_engine_scores_like_transformers_at_start_and_after_each_sync(
-        setup: Any, in_place_engine: Any, tiny_model_dir: str) -> None:
-    """rollout.weight_load=in_place: plain weights filled from the checkpoint at start-up, then every update
-    copied in place by the model's weight loaders, by either transport (the tied lm_head included)."""
-    from pathlib import Path
-
-    import ray
-    from safetensors.torch import load_file
-
-    from rvpo_async.types import Prompt
-
-    learner, _, syncs = setup
-    start = ray.get(in_place_engine.score_tokens.remote(PROMPT, RESPONSE))
-    checkpoint = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
-    assert max_diff(start, reference_logprobs(tiny_model_dir, checkpoint)) < 1e-4
-    for i, transport in enumerate(TRANSPORTS):
-        version = ray.get(in_place_engine.get_version.remote()) + 1
-        set_perturbed_weights(learner, seed=30 + i)
-        syncs[transport].sync(learner, [in_place_engine], version)
-        after = ray.get(in_place_engine.score_tokens.remote(PROMPT, RESPONSE))
-        # the in-place weights run torch's own CPU matmuls, not the repacked kernels: a relative bound
-        assert max_rel_diff(after, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-5
-        assert max_diff(after, start) > 1e-2
-    groups = ray.get(in_place_engine.generate.remote(
-        [Prompt("p", "", tuple(PROMPT))], [0], [1]))
-    assert len(groups[0].samples) == 2 and all(s.token_ids for s in groups[0].samples)
-
-
 @pytest.fixture(scope="module")
 def compiled_engine(setup: Any, tiny_model_dir: str):
     import ray
@@ -308,12 +278,10 @@ def compiled_engine(setup: Any, tiny_model_dir: str):
     ray.kill(engine)
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_compiled_engine_scores_like_transformers_at_start_and_after_each_sync(
-        setup: Any, compiled_engine: Any, tiny_model_dir: str) -> None:
-    """rollout.compile (configs/tiny-cpu.yaml): the inductor-compiled model serves every update it loads, by
-    either transport, as the eager one does (its graph reads the reloaded weights, nothing is frozen in)."""
+def assert_scores_like_transformers_at_start_and_after_each_sync(setup: Any, engine: Any, tiny_model_dir: str,
+                                                                first_seed: int) -> None:
+    """The engine scores the checkpoint like transformers, then each update by each transport (a relative bound:
+    its matmuls may not be the repacked kernels), and generates."""
     from pathlib import Path
 
     import ray
@@ -322,21 +290,40 @@ def test_compiled_engine_scores_like_transformers_at_start_and_after_each_sync(
     from rvpo_async.types import Prompt
 
     learner, _, syncs = setup
-    start = ray.get(compiled_engine.score_tokens.remote(PROMPT, RESPONSE))
+    start = ray.get(engine.score_tokens.remote(PROMPT, RESPONSE))
     checkpoint = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert max_diff(start, reference_logprobs(tiny_model_dir, checkpoint)) < 1e-4
     previous = start
     for i, transport in enumerate(TRANSPORTS):
-        version = ray.get(compiled_engine.get_version.remote()) + 1
-        set_perturbed_weights(learner, seed=40 + i)
-        syncs[transport].sync(learner, [compiled_engine], version)
-        after = ray.get(compiled_engine.score_tokens.remote(PROMPT, RESPONSE))
-        assert ray.get(compiled_engine.get_version.remote()) == version
+        version = ray.get(engine.get_version.remote()) + 1
+        set_perturbed_weights(learner, seed=first_seed + i)
+        syncs[transport].sync(learner, [engine], version)
+        after = ray.get(engine.score_tokens.remote(PROMPT, RESPONSE))
+        assert ray.get(engine.get_version.remote()) == version
         assert max_rel_diff(after, reference_logprobs(tiny_model_dir, learner_state(learner))) < 1e-5
-        assert max_diff(after, previous) > 1e-2
+        assert max_diff(after, start) > 1e-2 and max_diff(after, previous) > 1e-2
         previous = after
-    groups = ray.get(compiled_engine.generate.remote([Prompt("p", "", tuple(PROMPT))], [0], [1]))
+    groups = ray.get(engine.generate.remote([Prompt("p", "", tuple(PROMPT))], [0], [1]))
     assert len(groups[0].samples) == 2 and all(s.token_ids for s in groups[0].samples)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_in_place_engine_scores_like_transformers_at_start_and_after_each_sync(
+        setup: Any, in_place_engine: Any, tiny_model_dir: str) -> None:
+    """rollout.weight_load=in_place: plain weights filled from the checkpoint at start-up, then every update
+    copied in place by the model's weight loaders, by either transport (the tied lm_head included); they run
+    torch's own CPU matmuls, not the repacked kernels."""
+    assert_scores_like_transformers_at_start_and_after_each_sync(setup, in_place_engine, tiny_model_dir, 30)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_compiled_engine_scores_like_transformers_at_start_and_after_each_sync(
+        setup: Any, compiled_engine: Any, tiny_model_dir: str) -> None:
+    """rollout.compile (configs/tiny-cpu.yaml): the inductor-compiled model serves every update it loads, by
+    either transport, as the eager one does (its graph reads the reloaded weights, nothing is frozen in)."""
+    assert_scores_like_transformers_at_start_and_after_each_sync(setup, compiled_engine, tiny_model_dir, 40)
 
 
 def test_a_compiled_engine_refuses_in_place_weight_loading() -> None:
