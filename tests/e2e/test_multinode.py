@@ -39,9 +39,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
-SMALL = ["rollout.group_size=4", "rollout.groups_per_step=4", "rollout.max_new_tokens=12",
-         "metrics.enabled=false", "run.progress=false", "learner.micro_batch_size=16", "checkpoint.every=0",
-         "rollout.compile=false"]
+SMALL = ["rollout.group_size=4", "rollout.groups_per_step=4", "rollout.max_new_tokens=12", "rollout.compile=false",
+         "metrics.enabled=false", "run.progress=false", "learner.micro_batch_size=16", "checkpoint.every=0"]
 RAY_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 JUDGE_NODE = {"rvpo_judge": 2}
 # the node group each actor class belongs on (JudgeWorker is ray.remote(SampleScorer)); the buffer, the judge
